@@ -1,0 +1,296 @@
+"""InstructionDataModule: load instruction data, apply a prompt template, tokenize, mask, batch."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_lora.tiny import resolve_model_path
+from lightning_lora.templates import TEMPLATES, TemplateName, render_alpaca, render_messages
+
+__all__ = ["InstructionDataModule", "read_records", "Example", "encode_example", "collate"]
+
+IGNORE_INDEX = -100
+DataFormat = Literal["auto", "alpaca", "messages", "text"]
+_FORMATS = ("auto", "alpaca", "messages", "text")
+# The fields each format needs in every row; "input" is optional for Alpaca.
+_REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "messages": ("messages",), "text": ("text",)}
+
+Example = dict[str, list[int]]
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read rows from a ``.json`` / ``.jsonl`` / ``.parquet`` file or a ``datasets.save_to_disk`` directory.
+
+    A ``save_to_disk`` directory holding a ``DatasetDict`` contributes its ``train`` split.
+    """
+    path = Path(path)
+    if path.is_dir():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise ValueError(f"data_path={str(path)!r} holds splits {sorted(loaded)}, none named 'train'")
+            loaded = loaded["train"]
+        return loaded.to_list()
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix == ".json":
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, list):
+            raise ValueError(f"data file {str(path)!r} must hold a JSON list of rows, got {type(data).__name__}")
+        return data
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(
+        f"data file {str(path)!r} has an unsupported suffix {suffix!r}: use .json, .jsonl, .parquet "
+        "or a datasets save_to_disk directory"
+    )
+
+
+def detect_format(row: Mapping[str, Any]) -> str:
+    """The format a row is written in, judged by its fields."""
+    if "messages" in row:
+        return "messages"
+    if "instruction" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    raise ValueError(
+        f"cannot tell the data format from the fields {sorted(row)}: expected 'instruction'/'output' "
+        "(alpaca), 'messages' or 'text'; set data.format explicitly"
+    )
+
+
+def split_prompt_response(row: Mapping[str, Any], fmt: str, template: TemplateName, tokenizer: Any) -> tuple[str, str]:
+    """Turn one row into the prompt (not trained on, by default) and the response (trained on)."""
+    if fmt == "alpaca":
+        prompt = render_alpaca(row["instruction"], row.get("input") or "", template, tokenizer)
+        return prompt, row["output"]
+    if fmt == "messages":
+        messages = row["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("the last message must have role 'assistant' (it is the response trained on)")
+        return render_messages(messages[:-1], template, tokenizer), messages[-1]["content"]
+    return "", row["text"]
+
+
+def encode_example(
+    prompt: str, response: str, tokenizer: Any, max_length: int, train_on_prompt: bool, add_eos: bool = True
+) -> tuple[Example, bool]:
+    """Tokenize ``prompt + response (+ EOS)`` and build labels.
+
+    Prompt and response are tokenized separately so that the boundary of the loss mask is exact;
+    the prompt gets the tokenizer's special prefix (BOS) if it adds one. Returns the example and
+    whether it was truncated to ``max_length``.
+    """
+    if prompt:
+        # A chat template writes the BOS text itself; adding another would double it.
+        bos = tokenizer.bos_token
+        has_bos = bool(bos) and prompt.startswith(bos)
+        prompt_ids = tokenizer(prompt, add_special_tokens=not has_bos)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    else:
+        # Plain text: the sequence starts with the response, so it gets the special prefix (BOS).
+        prompt_ids = []
+        response_ids = tokenizer(response, add_special_tokens=True)["input_ids"]
+    if add_eos:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + response_ids
+    prompt_labels = list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
+    labels = prompt_labels + response_ids
+    truncated = len(input_ids) > max_length
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}, truncated
+
+
+def collate(examples: Sequence[Example], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples to the longest one, rounded up to ``pad_to_multiple_of``."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[i, :n] = torch.tensor(example["input_ids"])
+        labels[i, :n] = torch.tensor(example["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Instruction-tuning data for a causal LM.
+
+    Args:
+        data_path: training data: a ``.json`` (list of rows), ``.jsonl`` or ``.parquet`` file, or a
+            ``datasets`` ``save_to_disk`` directory.
+        tokenizer: the tokenizer's directory or hub id (the LightningCLI fills it from
+            ``model.model_name_or_path``).
+        format: ``alpaca`` (``instruction``/``input``/``output``), ``messages`` (a list of
+            ``{"role", "content"}``; the last must be the assistant's answer), ``text`` (plain
+            ``text``, all tokens trained), or ``auto`` to decide from the first row's fields.
+        template: prompt format for ``alpaca`` rows: ``alpaca``, ``human_assistant``
+            (``Human: ...\\n\\nAssistant: ``), ``plain``, or ``chat_template`` (the tokenizer's).
+            ``messages`` rows always use the tokenizer's chat template when it has one.
+        max_length: examples longer than this many tokens are cut (the count is logged).
+        batch_size: examples per batch and device.
+        val_split: fraction of ``data_path`` held out for validation (ignored with ``val_data_path``).
+        val_data_path: a separate validation file, read like ``data_path``.
+        train_on_prompt: also compute the loss on the prompt tokens.
+        add_eos: append the tokenizer's EOS token to every response.
+        pad_to_multiple_of: batches are padded to the longest example rounded up to this.
+        seed: seed of the validation split and of the training shuffle.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        data_path: str,
+        tokenizer: str,
+        format: DataFormat = "auto",
+        template: TemplateName = "alpaca",
+        max_length: int = 512,
+        batch_size: int = 8,
+        val_split: float = 0.05,
+        val_data_path: str | None = None,
+        train_on_prompt: bool = False,
+        add_eos: bool = True,
+        pad_to_multiple_of: int = 8,
+        seed: int = 42,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("data_path", data_path), ("val_data_path", val_data_path)):
+            if value is not None and not Path(value).exists():
+                raise FileNotFoundError(f"data.{name}={value!r} does not exist")
+        if format not in _FORMATS:
+            raise ValueError(f"data.format={format!r} is not one of {list(_FORMATS)}")
+        if template not in TEMPLATES:
+            raise ValueError(f"data.template={template!r} is not one of {list(TEMPLATES)}")
+        if not 0.0 <= val_split < 1.0:
+            raise ValueError(f"data.val_split={val_split!r} must be in [0, 1)")
+        for name, value in (("max_length", max_length), ("batch_size", batch_size), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value < 1:
+                raise ValueError(f"data.{name}={value!r} must be >= 1")
+        self.save_hyperparameters()
+        self.data_path = data_path
+        self.tokenizer_name = tokenizer
+        self.format = format
+        self.template = template
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.val_split = val_split
+        self.val_data_path = val_data_path
+        self.train_on_prompt = train_on_prompt
+        self.add_eos = add_eos
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer: Any = None
+        self.train_examples: list[Example] = []
+        self.val_examples: list[Example] = []
+
+    def load_tokenizer(self) -> Any:
+        """Load the tokenizer and give it a pad token (EOS) if it has none."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
+        if tokenizer.eos_token_id is None and self.add_eos:
+            raise ValueError(f"data.tokenizer={self.tokenizer_name!r} has no EOS token; set data.add_eos=false")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if self.template == "chat_template" and not tokenizer.chat_template:
+            raise ValueError(f"data.template='chat_template' but data.tokenizer={self.tokenizer_name!r} has no chat template")
+        return tokenizer
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is not None:
+            return  # tokenized already; setup runs once per stage
+        self.tokenizer = self.load_tokenizer()
+        rows = read_records(self.data_path)
+        if self.val_data_path is not None:
+            train_rows, val_rows = rows, read_records(self.val_data_path)
+        else:
+            order = list(range(len(rows)))
+            random.Random(self.seed).shuffle(order)
+            n_val = round(len(rows) * self.val_split)
+            if self.val_split > 0 and n_val == 0:
+                n_val = 1
+            val_rows = [rows[i] for i in order[:n_val]]
+            train_rows = [rows[i] for i in order[n_val:]]
+        if not train_rows:
+            raise ValueError(f"data.data_path={self.data_path!r} holds no training rows")
+        self.train_examples = self.encode_rows(train_rows, "data_path")
+        self.val_examples = self.encode_rows(val_rows, "val_data_path" if self.val_data_path else "data_path")
+
+    def encode_rows(self, rows: Sequence[Mapping[str, Any]], source: str) -> list[Example]:
+        """Validate, template and tokenize rows; drop those left with nothing to learn."""
+        fmt = detect_format(rows[0]) if self.format == "auto" and rows else self.format
+        examples, truncated, dropped = [], 0, 0
+        for index, row in enumerate(rows):
+            missing = [field for field in _REQUIRED_FIELDS.get(fmt, ()) if field not in row]
+            if missing:
+                raise ValueError(
+                    f"row {index} of data.{source}={getattr(self, source)!r} lacks field {missing[0]!r} "
+                    f"needed by data.format={fmt!r} (its fields: {sorted(row)})"
+                )
+            try:
+                prompt, response = split_prompt_response(row, fmt, self.template, self.tokenizer)
+            except ValueError as err:
+                raise ValueError(f"row {index} of data.{source}={getattr(self, source)!r}: {err}") from None
+            example, was_truncated = encode_example(
+                prompt, response, self.tokenizer, self.max_length, self.train_on_prompt, self.add_eos
+            )
+            truncated += was_truncated
+            if all(label == IGNORE_INDEX for label in example["labels"]):
+                dropped += 1  # the prompt alone filled max_length: no response token to learn from
+                continue
+            examples.append(example)
+        if truncated or dropped:
+            rank_zero_info(
+                f"data.{source}: {truncated} of {len(rows)} examples truncated to data.max_length="
+                f"{self.max_length}; {dropped} dropped because no response token was left"
+            )
+        return examples
+
+    def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            examples,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+        )
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        return collate(examples, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_examples, shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_examples, shuffle=False)

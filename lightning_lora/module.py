@@ -1,0 +1,281 @@
+"""LoraFinetuneModule: a Hugging Face causal LM wrapped with PEFT LoRA, trained by Lightning."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_lora.tiny import resolve_model_path
+
+__all__ = ["LoraFinetuneModule"]
+
+IGNORE_INDEX = -100
+ModelDType = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BIAS = ("none", "all", "lora_only")
+# PEFT's named initialisations; "pissa_niter_N" (fast SVD with N iterations) is accepted too.
+_INITS = ("gaussian", "olora", "pissa", "eva", "corda", "loftq", "orthogonal")
+
+
+class LoraFinetuneModule(L.LightningModule):
+    """Fine-tune a Hugging Face causal LM with LoRA.
+
+    The base model is loaded and wrapped with PEFT in :meth:`configure_model`, so that under
+    DeepSpeed ZeRO-3 the weights are partitioned as they are created. The PEFT model lives in
+    ``self.model``; the checkpoint's hyperparameters hold everything needed to rebuild it.
+
+    Args:
+        model_name_or_path: a local Hugging Face model directory, a hub id, or
+            ``builtin:tiny-llama`` (a tiny base built locally, for trying things out).
+        r: LoRA rank.
+        lora_alpha: LoRA scaling numerator; the update is scaled by ``lora_alpha / r``
+            (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        lora_dropout: dropout on the LoRA input.
+        target_modules: module names to adapt (a list of names, matched as suffixes of the
+            full module name), a regular expression matched against the full name, or
+            ``"all-linear"``. ``None`` uses PEFT's default for the architecture.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. ``["lm_head"]``).
+        use_rslora: rank-stabilised LoRA scaling.
+        use_dora: weight-decomposed LoRA (DoRA).
+        init_lora_weights: ``True`` (PEFT default), ``False``, ``"gaussian"``, ``"olora"``,
+            ``"pissa"``, ``"pissa_niter_N"``, or another PEFT initialisation by name.
+        bias: which biases to train: ``"none"``, ``"all"`` or ``"lora_only"``.
+        dtype: dtype the base weights are loaded in (``auto`` keeps the checkpoint's).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        optimizer: a callable that takes the trainable parameters and returns an optimizer;
+            defaults to ``AdamW(lr=2e-4, weight_decay=0.0)``.
+        warmup_steps: optimizer steps of linear warmup from zero.
+        lr_schedule: ``cosine`` decay to ``min_lr_ratio`` times the peak after warmup, or ``constant``.
+        min_lr_ratio: the final learning rate of the cosine schedule as a fraction of the peak.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        target_modules: list[str] | str | None = None,
+        modules_to_save: list[str] | None = None,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: bool | str = True,
+        bias: Literal["none", "all", "lora_only"] = "none",
+        dtype: ModelDType = "float32",
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"model.r={r!r} must be a positive integer")
+        if lora_alpha <= 0:
+            raise ValueError(f"model.lora_alpha={lora_alpha!r} must be positive")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"model.lora_dropout={lora_dropout!r} must be in [0, 1)")
+        if bias not in _BIAS:
+            raise ValueError(f"model.bias={bias!r} is not one of {list(_BIAS)}")
+        if dtype != "auto" and dtype not in _DTYPES:
+            raise ValueError(f"model.dtype={dtype!r} is not one of {['auto', *_DTYPES]}")
+        if isinstance(init_lora_weights, str) and not (
+            init_lora_weights in _INITS or re.fullmatch(r"pissa_niter_\d+", init_lora_weights)
+        ):
+            raise ValueError(f"model.init_lora_weights={init_lora_weights!r} is not one of {[True, False, *_INITS]}")
+        if isinstance(target_modules, list) and not target_modules:
+            raise ValueError("model.target_modules=[] names no module; give names, a regex or 'all-linear'")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps={warmup_steps!r} must be >= 0")
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"model.lr_schedule={lr_schedule!r} is not one of ['cosine', 'constant']")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"model.min_lr_ratio={min_lr_ratio!r} must be in [0, 1]")
+        # The optimizer is a callable, not a setting the export needs; everything else is kept.
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model_name_or_path = model_name_or_path
+        self.lora_settings = dict(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            modules_to_save=modules_to_save,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            init_lora_weights=init_lora_weights,
+            bias=bias,
+        )
+        self.dtype_name = dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
+        self.min_lr_ratio = min_lr_ratio
+        self.model: torch.nn.Module | None = None
+        self.val_loss = MeanMetric()
+        self.val_accuracy = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.test_accuracy = MeanMetric()
+
+    def lora_config(self) -> Any:
+        """The PEFT ``LoraConfig`` this module trains with."""
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            base_model_name_or_path=resolve_model_path(self.model_name_or_path),
+            **self.lora_settings,
+        )
+
+    @override
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return  # Lightning may call this more than once (e.g. fit then test)
+        from peft import get_peft_model
+
+        base = self._load_base_model()
+        _check_module_names(base, "target_modules", self.lora_settings["target_modules"])
+        _check_module_names(base, "modules_to_save", self.lora_settings["modules_to_save"])
+        if self.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+        # PEFT upcasts adapters of a half-precision base to fp32 for stable training. DeepSpeed keeps
+        # fp32 master weights itself, and its ZeRO-3 defragmentation asserts on mixed dtypes.
+        autocast = not self._on_deepspeed()
+        self.model = get_peft_model(base, self.lora_config(), autocast_adapter_dtype=autocast)
+        # from_pretrained returns the model in eval mode, and Lightning keeps the modes it finds,
+        # which would silently switch off LoRA dropout during training.
+        self.model.train()
+
+    def _load_base_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        path = resolve_model_path(self.model_name_or_path)
+        dtype = "auto" if self.dtype_name == "auto" else _DTYPES[self.dtype_name]
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except OSError as err:
+            raise OSError(f"model.model_name_or_path={self.model_name_or_path!r} could not be loaded: {err}") from err
+
+    def _on_deepspeed(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
+    @override
+    def on_fit_start(self) -> None:
+        # Under ZeRO-3 a partitioned parameter reports numel() == 0; ds_numel is its full size.
+        def count(p: torch.Tensor) -> int:
+            return getattr(p, "ds_numel", p.numel())
+
+        trainable = sum(count(p) for p in self.parameters() if p.requires_grad)
+        total = sum(count(p) for p in self.parameters())
+        rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+        if self.logger is not None:
+            self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+
+    @override
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.model(**batch)
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], loss_metric: MeanMetric, accuracy_metric: MeanMetric) -> None:
+        """Accumulate per-token loss and next-token accuracy over the response tokens."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        if not mask.any():
+            return
+        logits = logits[:, :-1][mask].float()
+        targets = labels[mask]
+        loss_metric.update(F.cross_entropy(logits, targets, reduction="none"))
+        accuracy_metric.update((logits.argmax(dim=-1) == targets).float())
+
+    def _log_epoch(self, prefix: str, loss_metric: MeanMetric, accuracy_metric: MeanMetric) -> None:
+        if loss_metric.update_count == 0:
+            return
+        loss = loss_metric.compute()
+        self.log(f"{prefix}_loss", loss, prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}_ppl", torch.exp(loss), sync_dist=False)
+        self.log(f"{prefix}_accuracy", accuracy_metric.compute(), sync_dist=False)
+        loss_metric.reset()
+        accuracy_metric.reset()
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss, self.val_accuracy)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val", self.val_loss, self.val_accuracy)
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss, self.test_accuracy)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_loss, self.test_accuracy)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+        else:
+            optimizer = self.optimizer_factory(params)
+        total = max(1, self.trainer.estimated_stepping_batches)
+        schedule = _warmup_cosine(self.warmup_steps, int(total), self.min_lr_ratio, self.lr_schedule == "cosine")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _warmup_cosine(warmup: int, total: int, min_ratio: float, cosine: bool) -> Any:
+    """The LR multiplier at each step: linear warmup, then cosine decay (or constant)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _check_module_names(model: torch.nn.Module, key: str, value: list[str] | str | None) -> None:
+    """Fail with the key and the unknown name if a LoRA setting names a module the model lacks.
+
+    PEFT itself only fails when *no* target matches; a typo beside a valid name would silently
+    train fewer modules than asked for.
+    """
+    if value is None or value == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(value, str):
+        if not any(re.fullmatch(value, name) for name in names):
+            raise ValueError(f"model.{key}={value!r} matches no module of the base model")
+        return
+    for target in value:
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if not list(m.children())})
+            raise ValueError(
+                f"model.{key} names {target!r}, which matches no module of the base model "
+                f"(its leaf modules: {leaves})"
+            )
