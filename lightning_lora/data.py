@@ -28,10 +28,11 @@ _REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "messages": ("messages"
 Example = dict[str, list[int]]
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
+def read_records(path: str | Path, key: str = "data.data_path") -> list[dict[str, Any]]:
     """Read rows from a ``.json`` / ``.jsonl`` / ``.parquet`` file or a ``datasets.save_to_disk`` directory.
 
     A ``save_to_disk`` directory holding a ``DatasetDict`` contributes its ``train`` split.
+    ``key`` is the setting that named ``path``, for error messages.
     """
     path = Path(path)
     if path.is_dir():
@@ -40,7 +41,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
-                raise ValueError(f"data_path={str(path)!r} holds splits {sorted(loaded)}, none named 'train'")
+                raise ValueError(f"{key}={str(path)!r} holds splits {sorted(loaded)}, none named 'train'")
             loaded = loaded["train"]
         return loaded.to_list()
     suffix = path.suffix.lower()
@@ -51,14 +52,14 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         with path.open(encoding="utf-8") as f:
             data = json.load(f)
         if not isinstance(data, list):
-            raise ValueError(f"data file {str(path)!r} must hold a JSON list of rows, got {type(data).__name__}")
+            raise ValueError(f"{key}={str(path)!r} must hold a JSON list of rows, got {type(data).__name__}")
         return data
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
     raise ValueError(
-        f"data file {str(path)!r} has an unsupported suffix {suffix!r}: use .json, .jsonl, .parquet "
+        f"{key}={str(path)!r} has an unsupported suffix {suffix!r}: use .json, .jsonl, .parquet "
         "or a datasets save_to_disk directory"
     )
 
@@ -84,8 +85,9 @@ def split_prompt_response(row: Mapping[str, Any], fmt: str, template: TemplateNa
         return prompt, row["output"]
     if fmt == "messages":
         messages = row["messages"]
-        if not messages or messages[-1].get("role") != "assistant":
-            raise ValueError("the last message must have role 'assistant' (it is the response trained on)")
+        last_role = messages[-1].get("role") if messages else None
+        if last_role != "assistant":
+            raise ValueError(f"the last message has role {last_role!r}; it must be 'assistant' (the response trained on)")
         return render_messages(messages[:-1], template, tokenizer), messages[-1]["content"]
     return "", row["text"]
 
@@ -223,9 +225,11 @@ class InstructionDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return  # tokenized already; setup runs once per stage
         self.tokenizer = self.load_tokenizer()
-        rows = read_records(self.data_path)
+        # Rows keep their position in the file, so that errors can point at the right one.
+        rows = list(enumerate(read_records(self.data_path)))
         if self.val_data_path is not None:
-            train_rows, val_rows = rows, read_records(self.val_data_path)
+            train_rows = rows
+            val_rows = list(enumerate(read_records(self.val_data_path, "data.val_data_path")))
         else:
             order = list(range(len(rows)))
             random.Random(self.seed).shuffle(order)
@@ -239,12 +243,14 @@ class InstructionDataModule(L.LightningDataModule):
         self.train_examples = self.encode_rows(train_rows, "data_path")
         self.val_examples = self.encode_rows(val_rows, "val_data_path" if self.val_data_path else "data_path")
 
-    def encode_rows(self, rows: Sequence[Mapping[str, Any]], source: str) -> list[Example]:
-        """Validate, template and tokenize rows; drop those left with nothing to learn."""
-        fmt = detect_format(rows[0]) if self.format == "auto" and rows else self.format
+    def encode_rows(self, rows: Sequence[tuple[int, Mapping[str, Any]]], source: str) -> list[Example]:
+        """Validate, template and tokenize ``(row index in the file, row)`` pairs; drop those left
+        with nothing to learn."""
+        fmt = detect_format(rows[0][1]) if self.format == "auto" and rows else self.format
         examples, truncated, dropped = [], 0, 0
-        for index, row in enumerate(rows):
-            missing = [field for field in _REQUIRED_FIELDS.get(fmt, ()) if field not in row]
+        for index, row in rows:
+            # Columnar files (parquet, datasets) store an absent field as None.
+            missing = [field for field in _REQUIRED_FIELDS.get(fmt, ()) if row.get(field) is None]
             if missing:
                 raise ValueError(
                     f"row {index} of data.{source}={getattr(self, source)!r} lacks field {missing[0]!r} "
