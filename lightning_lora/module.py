@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_lora.export.checkpoint import CHECKPOINT_KEY, config_to_dict
 from lightning_lora.tiny import resolve_model_path
 
 __all__ = ["LoraFinetuneModule"]
@@ -150,26 +151,71 @@ class LoraFinetuneModule(L.LightningModule):
             base.config.use_cache = False
         # PEFT upcasts adapters of a half-precision base to fp32 for stable training. DeepSpeed keeps
         # fp32 master weights itself, and its ZeRO-3 defragmentation asserts on mixed dtypes.
-        autocast = not self._on_deepspeed()
-        self.model = get_peft_model(base, self.lora_config(), autocast_adapter_dtype=autocast)
+        strategy = self._deepspeed_strategy()
+        if strategy is not None and strategy.zero_stage_3:
+            self._check_zero3_support()
+        self.model = get_peft_model(base, self.lora_config(), autocast_adapter_dtype=strategy is None)
+        if strategy is not None and strategy.zero_stage_3:
+            _reinit_lora_partitioned(self.model)
+        if strategy is not None and strategy.exclude_frozen_parameters:
+            # Such checkpoints hold only the trainable tensors; on resume the frozen ones come
+            # from the base model loaded above.
+            self.strict_loading = False
         # from_pretrained returns the model in eval mode, and Lightning keeps the modes it finds,
         # which would silently switch off LoRA dropout during training.
         self.model.train()
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What an export needs to rebuild the PEFT model, in any checkpoint (DeepSpeed included).
+        # The live config, once there is a model: PEFT adjusts it (e.g. fan_in_fan_out for Conv1D).
+        config = self.model.peft_config["default"] if self.model is not None else self.lora_config()
+        checkpoint[CHECKPOINT_KEY] = {
+            "peft_config": config_to_dict(config),
+            "base_model": config.base_model_name_or_path,
+            "prefix": "model.",
+        }
 
     def _load_base_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
         path = resolve_model_path(self.model_name_or_path)
         dtype = "auto" if self.dtype_name == "auto" else _DTYPES[self.dtype_name]
+        strategy = self._deepspeed_strategy()
         try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            if strategy is None or not strategy.zero_stage_3:
+                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            # Lightning runs configure_model inside deepspeed.zero.Init, so every parameter is
+            # created partitioned (shape [0] locally) and a plain from_pretrained fails on the
+            # shapes. With an HfDeepSpeedConfig alive, transformers loads into the partitions
+            # itself. It is a process-wide setting, so it is removed right after.
+            from transformers.integrations import HfDeepSpeedConfig
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            ds_config = HfDeepSpeedConfig(strategy.config)  # noqa: F841 (transformers keeps a weak reference)
+            try:
+                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            finally:
+                unset_hf_deepspeed_config()
         except OSError as err:
             raise OSError(f"model.model_name_or_path={self.model_name_or_path!r} could not be loaded: {err}") from err
 
-    def _on_deepspeed(self) -> bool:
+    def _check_zero3_support(self) -> None:
+        # These initialisations read the base weights while PEFT builds the adapters, which under
+        # ZeRO-3 are still empty partitions: they would silently start from garbage.
+        init = self.lora_settings["init_lora_weights"]
+        if self.lora_settings["use_dora"]:
+            raise ValueError("model.use_dora=true is not supported with DeepSpeed ZeRO-3; use ZeRO-2 or DDP")
+        if isinstance(init, str) and init != "gaussian":
+            raise ValueError(f"model.init_lora_weights={init!r} is not supported with DeepSpeed ZeRO-3; use ZeRO-2 or DDP")
+
+    def _deepspeed_strategy(self) -> Any:
+        """The trainer's DeepSpeedStrategy, or None (no trainer, or another strategy)."""
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        if self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return self.trainer.strategy
+        return None
 
     @override
     def on_fit_start(self) -> None:
@@ -279,3 +325,28 @@ def _check_module_names(model: torch.nn.Module, key: str, value: list[str] | str
                 f"model.{key} names {target!r}, which matches no module of the base model "
                 f"(its leaf modules: {leaves})"
             )
+
+
+def _reinit_lora_partitioned(peft_model: torch.nn.Module) -> None:
+    """Redo PEFT's adapter initialisation on ZeRO-3 partitioned parameters.
+
+    Under ``deepspeed.zero.Init`` each LoRA ``nn.Linear`` is partitioned as soon as it is built,
+    so PEFT's ``zeros_(lora_B)`` writes into empty local shards and is lost: ``lora_B`` would stay
+    random and the model at step 0 would not be the base model. Gather each LoRA layer (its base
+    weight too, which PiSSA/OLoRA read and rewrite), initialise on rank 0, and let DeepSpeed
+    broadcast the result.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if dist.get_rank() == 0:
+                for adapter in module.lora_A:
+                    module.reset_lora_parameters(adapter, peft_model.peft_config[adapter].init_lora_weights)
