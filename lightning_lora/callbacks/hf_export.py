@@ -1,0 +1,196 @@
+"""HFExport: at the end of a successful fit, export the PEFT adapter and the merged model.
+
+This callback decides *when* and *on which rank*; :mod:`lightning_lora.export` decides *how*.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_lora.export.checkpoint import CHECKPOINT_KEY, TrainedCheckpoint, config_to_dict
+from lightning_lora.export.keys import normalize_keys
+from lightning_lora.export.pipeline import export_checkpoint
+from lightning_lora.export.zero import ZeroCheckpointError, check_rank_files, read_model_states, resolve_zero_tag
+
+__all__ = ["HFExport"]
+
+# Probe sequences taken from the validation data for the merged-vs-adapter comparison.
+_PROBE_SEQUENCES = 4
+_PROBE_TOKENS = 64
+
+
+class HFExport(L.Callback):
+    """Export a PEFT adapter and a merged Hugging Face model when ``fit`` ends successfully.
+
+    Works with :class:`~lightning_lora.LoraFinetuneModule` and with any LightningModule that holds
+    a ``peft.PeftModel`` under any attribute. Single device and DDP export from memory on global
+    rank 0. DeepSpeed saves the final ZeRO checkpoint (or reuses the one ``ModelCheckpoint`` just
+    wrote at the same step), checks that every rank's shard is visible, and then rank 0 alone reads
+    it back and exports, so that no rank waits in a collective for the length of the export.
+
+    Args:
+        dirpath: the export directory (``adapter/``, ``merged/``, ``export.json``).
+        merge: write the merged model.
+        save_adapter: write the PEFT adapter.
+        dtype: dtype of the merged weights: ``auto`` (the base's), ``fp32``, ``bf16``, ``fp16``.
+        max_shard_size: largest safetensors shard of the merged model.
+        verify: reload both and compare their logits and greedy generations; a failure publishes nothing.
+        base_model: the base model directory; by default the one the PEFT config names.
+        overwrite: replace an existing export in ``dirpath``.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        merge: bool = True,
+        save_adapter: bool = True,
+        dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+        max_shard_size: str = "5GB",
+        verify: bool = True,
+        base_model: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"HFExport dtype={dtype!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
+        if not merge and not save_adapter:
+            raise ValueError("HFExport with merge=False and save_adapter=False would export nothing")
+        self.dirpath = Path(dirpath)
+        self.merge = merge
+        self.save_adapter = save_adapter
+        self.dtype = dtype
+        self.max_shard_size = max_shard_size
+        self.verify = verify
+        self.base_model = base_model
+        self.overwrite = overwrite
+        self.result: dict[str, Any] | None = None
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A module of the user's own records nothing about its PEFT model; record it so that any
+        # checkpoint of this run can be exported later by the command.
+        if CHECKPOINT_KEY not in checkpoint:
+            checkpoint[CHECKPOINT_KEY] = _describe_peft_model(pl_module)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_train_end runs only when the fit loop finished (not after an exception), before the
+        # strategy tears down, so a DeepSpeed engine is still there to save a checkpoint.
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            source: Path | TrainedCheckpoint = self._save_zero_checkpoint(trainer)
+        else:
+            source = _from_memory(trainer, pl_module) if trainer.is_global_zero else Path()
+        if not trainer.is_global_zero:
+            return
+        described = _describe_peft_model(pl_module)
+        self.result = export_checkpoint(
+            source,
+            self.dirpath,
+            base_model=self.base_model or described["base_model"],
+            lora_config=described["peft_config"],
+            dtype=self.dtype,
+            max_shard_size=self.max_shard_size,
+            prefix=described["prefix"],
+            merge_model=self.merge,
+            save_adapter_dir=self.save_adapter,
+            verify=self.verify,
+            overwrite=self.overwrite,
+            probes=_validation_probes(trainer),
+            progress=False,
+        )
+        verification = self.result["verification"]
+        summary = f"HFExport: wrote {self.dirpath}"
+        if "max_abs_logit_diff" in verification:
+            summary += (
+                f"; merged vs adapter max |logit diff| {verification['max_abs_logit_diff']:.2e} "
+                f"(tolerance {verification['tolerance']:.2e}), generated tokens agree {100 * verification['token_agreement']:.1f}%"
+            )
+        rank_zero_info(summary)
+
+    def _save_zero_checkpoint(self, trainer: L.Trainer) -> Path:
+        """Save (or reuse) the final ZeRO checkpoint on all ranks; fail on all ranks if rank 0 cannot see it whole."""
+        checkpoint = _reusable_checkpoint(trainer)
+        if checkpoint is None:
+            checkpoint = self.dirpath.with_name(f"{self.dirpath.name}-zero.ckpt")
+            trainer.save_checkpoint(checkpoint)  # a collective: every rank writes its shard
+        problem = ""
+        if trainer.is_global_zero:
+            try:
+                tag_dir = resolve_zero_tag(checkpoint)
+                check_rank_files(tag_dir, read_model_states(tag_dir))
+            except ZeroCheckpointError as err:
+                problem = str(err)
+        # One short collective so that every rank fails together instead of rank 0 alone.
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise ZeroCheckpointError(problem)
+        return checkpoint
+
+
+def _reusable_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The checkpoint ModelCheckpoint wrote at this very step, if there is one."""
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    if path and getattr(callback, "_last_global_step_saved", -1) == trainer.global_step and Path(path).is_dir():
+        return Path(path)
+    return None
+
+
+def _find_peft_model(pl_module: L.LightningModule) -> tuple[str, Any]:
+    from peft import PeftModel
+
+    for name, module in pl_module.named_modules():
+        if isinstance(module, PeftModel):
+            return name, module
+    raise ValueError(f"HFExport found no peft.PeftModel inside {type(pl_module).__name__}")
+
+
+def _describe_peft_model(pl_module: L.LightningModule) -> dict[str, Any]:
+    """The LoRA config, base model and attribute prefix of the PEFT model inside ``pl_module``."""
+    name, peft_model = _find_peft_model(pl_module)
+    config = peft_model.peft_config[peft_model.active_adapter]
+    return {
+        "peft_config": config_to_dict(config),
+        "base_model": config.base_model_name_or_path,
+        "prefix": f"{name}." if name else "",
+    }
+
+
+def _from_memory(trainer: L.Trainer, pl_module: L.LightningModule) -> TrainedCheckpoint:
+    """The trained tensors of a module whose parameters rank 0 holds whole (single device, DDP)."""
+    described = _describe_peft_model(pl_module)
+    trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+    state = {n: t.detach().to("cpu", copy=True) for n, t in pl_module.state_dict().items() if n in trainable}
+    return TrainedCheckpoint(
+        tensors=normalize_keys(state, described["prefix"]),
+        source=f"{type(pl_module).__name__} in memory",
+        kind="memory",
+        lora_config=described["peft_config"],
+        base_model=described["base_model"],
+        global_step=trainer.global_step,
+    )
+
+
+def _validation_probes(trainer: L.Trainer) -> list[list[int]] | None:
+    """Up to a few unpadded validation sequences, or ``None`` (fixed prompts) without validation data."""
+    try:
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            datamodule = trainer.datamodule
+            loaders = datamodule.val_dataloader() if datamodule is not None else None
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        batch = next(iter(loader)) if loader is not None else None
+    except (StopIteration, AttributeError, TypeError, NotImplementedError):
+        return None
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        return None
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", torch.ones_like(ids))
+    probes = [row[m.bool()][:_PROBE_TOKENS].tolist() for row, m in zip(ids[:_PROBE_SEQUENCES], mask)]
+    return [p for p in probes if p] or None

@@ -1,0 +1,74 @@
+"""Normalise checkpoint key names to the names of a PEFT model's own ``state_dict``.
+
+A LightningModule that holds ``self.net = get_peft_model(...)`` saves keys such as::
+
+    net.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight
+
+possibly behind a legacy wrapper prefix (``module.`` up to Lightning 1.7, ``_forward_module.`` in
+1.8 - 2.0). The PEFT model itself calls the same tensor
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``. Everything here maps
+the former to the latter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+__all__ = ["PEFT_ROOT", "detect_prefix", "normalize_keys"]
+
+PEFT_ROOT = "base_model.model."
+_LEGACY_WRAPPERS = ("_forward_module.", "module.")
+T = TypeVar("T")
+
+
+def _strip_legacy(key: str) -> str:
+    for wrapper in _LEGACY_WRAPPERS:
+        if key.startswith(wrapper):
+            return key[len(wrapper):]
+    return key
+
+
+def detect_prefix(keys: Iterable[str]) -> str:
+    """The LightningModule attribute path in front of ``base_model.model.`` (e.g. ``"model."``).
+
+    Raises:
+        ValueError: no key holds a PEFT model, or several attributes do (then ``--prefix`` decides).
+    """
+    prefixes = {}
+    for key in keys:
+        key = _strip_legacy(key)
+        index = key.find(PEFT_ROOT)
+        if index >= 0:
+            prefixes.setdefault(key[:index], key)
+    if not prefixes:
+        raise ValueError(
+            f"no checkpoint key contains {PEFT_ROOT!r}: the checkpoint does not hold a PEFT model "
+            "(is it a LoRA training checkpoint?)"
+        )
+    if len(prefixes) > 1:
+        found = ", ".join(repr(p) for p in sorted(prefixes))
+        raise ValueError(f"the checkpoint holds several PEFT models under prefixes {found}; choose one with --prefix")
+    return next(iter(prefixes))
+
+
+def normalize_keys(state: Mapping[str, T], prefix: str | None = None) -> dict[str, T]:
+    """Rename checkpoint keys to the PEFT model's names, dropping keys outside the PEFT model.
+
+    Args:
+        state: checkpoint tensors (or anything else) by key.
+        prefix: the attribute path in front of ``base_model.model.`` (``"model."`` for
+            ``self.model``); detected when ``None``. ``""`` means the keys start at the PEFT model.
+    """
+    if prefix is None:
+        prefix = detect_prefix(state)
+    elif prefix and not prefix.endswith("."):
+        prefix += "."
+    normalized = {}
+    for key, value in state.items():
+        key = _strip_legacy(key)
+        if key.startswith(prefix) and key[len(prefix):].startswith(PEFT_ROOT):
+            normalized[key[len(prefix):]] = value
+    if not normalized:
+        raise ValueError(f"prefix={prefix!r} matches no checkpoint key followed by {PEFT_ROOT!r}")
+    return normalized

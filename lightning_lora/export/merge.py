@@ -1,0 +1,141 @@
+"""Rebuild the trained PEFT model on its base, load the trained tensors strictly, and merge.
+
+Everything is computed in fp32 (base weights upcast, LoRA deltas in fp32) and cast to the target
+dtype once, after the merge: merging in bf16 is the usual cause of "merged model differs from
+the adapter model".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_lora.export.checkpoint import TrainedCheckpoint, lora_config_from_dict
+
+__all__ = ["ExportError", "build_peft_model", "load_trained", "merge", "resolve_dtype"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# LoRA initialisations that rewrite the base weights at the start of training: the trained model's
+# frozen weights are then the checkpoint's, not the base directory's.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "orthogonal")
+
+
+class ExportError(ValueError):
+    """The inputs of an export do not fit together; the message says which and how."""
+
+
+def resolve_dtype(name: str, base_config: Any) -> torch.dtype:
+    """``auto`` is the base model's own dtype (fp32 if it records none)."""
+    if name == "auto":
+        recorded = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
+        if isinstance(recorded, str):
+            recorded = getattr(torch, recorded, None)
+        return recorded if isinstance(recorded, torch.dtype) else torch.float32
+    if name not in DTYPES:
+        raise ExportError(f"--dtype={name!r} is not one of {['auto', *DTYPES]}")
+    return DTYPES[name]
+
+
+def rewrites_base(lora_config: dict[str, Any]) -> bool:
+    """Whether the LoRA initialisation changed the frozen base weights (PiSSA, OLoRA, ...)."""
+    init = lora_config.get("init_lora_weights", True)
+    return isinstance(init, str) and init.startswith(_BASE_REWRITING_INITS)
+
+
+def build_peft_model(base_model: str | Path, lora_config: dict[str, Any]) -> Any:
+    """The base in fp32 wrapped with LoRA as in training (adapters freshly initialised)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    config = lora_config_from_dict({**lora_config, "base_model_name_or_path": str(base_model)})
+    # Initialisation does not matter (every adapter tensor is overwritten), except that PiSSA-like
+    # inits would rewrite the base: the checkpoint's frozen weights replace it then.
+    config.init_lora_weights = True
+    config.inference_mode = False
+    return get_peft_model(base, config, autocast_adapter_dtype=False)
+
+
+def load_trained(model: Any, checkpoint: TrainedCheckpoint, frozen_from_checkpoint: bool) -> dict[str, int]:
+    """Load every trained tensor into ``model``, failing with names on any gap or mismatch.
+
+    Every trainable parameter of the rebuilt PEFT model must come from the checkpoint, and every
+    adapter tensor of the checkpoint must land in the model.
+
+    Args:
+        model: the rebuilt PEFT model (see :func:`build_peft_model`).
+        checkpoint: the trained tensors.
+        frozen_from_checkpoint: also copy the checkpoint's frozen weights over the base's (for
+            PiSSA-like inits, which rewrote them, and exports without a base directory).
+            Otherwise the base directory's weights, in their original precision, are kept.
+    """
+    from peft.utils import set_peft_model_state_dict
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    own = model.state_dict()
+    if checkpoint.adapter_format:
+        result = set_peft_model_state_dict(model, checkpoint.tensors)
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k or "modules_to_save" in k]
+        missing = sorted(trainable & set(result.missing_keys))
+        _raise_on_gaps(missing, unexpected, checkpoint.source)
+        return {"trained_tensors": len(trainable), "frozen_tensors_from_checkpoint": 0}
+    missing = sorted(trainable - set(checkpoint.tensors))
+    unexpected = sorted(set(checkpoint.tensors) - set(own))
+    _raise_on_gaps(missing, unexpected, checkpoint.source)
+    for key, value in checkpoint.tensors.items():
+        if own[key].shape != value.shape:
+            raise ExportError(
+                f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but the base model's is "
+                f"{tuple(own[key].shape)}: --base-model is not the model this run trained, or --r / "
+                "the LoRA config differs from training"
+            )
+    to_copy = set(checkpoint.tensors) if frozen_from_checkpoint else trainable
+    with torch.no_grad():
+        for key in to_copy:
+            own[key].copy_(checkpoint.tensors[key].to(torch.float32))
+    frozen = len(to_copy - trainable)
+    return {"trained_tensors": len(trainable), "frozen_tensors_from_checkpoint": frozen}
+
+
+def _raise_on_gaps(missing: list[str], unexpected: list[str], source: str) -> None:
+    if missing:
+        raise ExportError(
+            f"{len(missing)} trained tensor(s) the LoRA config expects are not in {source!r}, e.g. "
+            f"{missing[:3]}: the checkpoint was trained with another LoRA config (check --r, "
+            "--lora-config, target modules) or another --prefix"
+        )
+    if unexpected:
+        raise ExportError(
+            f"{len(unexpected)} tensor(s) of {source!r} match no module of the rebuilt model, e.g. "
+            f"{unexpected[:3]}: --base-model or the LoRA config does not match the checkpoint"
+        )
+
+
+def merge(model: Any, dtype: torch.dtype) -> Any:
+    """``merge_and_unload`` in fp32, then one cast to ``dtype``; unties a head that training changed."""
+    merged = model.merge_and_unload(progressbar=False, safe_merge=True)
+    _untie_changed_head(merged)
+    return merged.to(dtype)
+
+
+def _untie_changed_head(model: Any) -> None:
+    """Keep a trained ``lm_head`` from being re-tied to the input embeddings on reload.
+
+    When the config says the embeddings are tied but the merged head differs from the input
+    embeddings (``modules_to_save=["lm_head"]``, LoRA on the head), ``from_pretrained`` would
+    overwrite the trained head with the embeddings. Give the head its own tensor and untie.
+    """
+    output = model.get_output_embeddings()
+    config = model.config
+    if output is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    embeddings = model.get_input_embeddings().weight
+    if output.weight is embeddings or torch.equal(output.weight, embeddings):
+        return
+    output.weight = torch.nn.Parameter(output.weight.detach().clone())
+    config.tie_word_embeddings = False
+    # transformers >= 5 also consults this mapping when tying on load.
+    if hasattr(model, "_tied_weights_keys") and isinstance(model._tied_weights_keys, dict):
+        model._tied_weights_keys = {}

@@ -1,0 +1,185 @@
+"""The one export path that the callback and the ``export`` command share.
+
+checkpoint -> trained tensors -> PEFT model on the base (fp32) -> adapter directory -> merge ->
+cast -> merged directory -> reload both and compare -> ``export.json`` -> publish by rename.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lightning_lora.export.checkpoint import TrainedCheckpoint, load_checkpoint
+from lightning_lora.export.hf import (
+    file_manifest,
+    package_versions,
+    publish_atomically,
+    save_adapter,
+    save_merged,
+    write_json,
+)
+from lightning_lora.export.merge import ExportError, build_peft_model, load_trained, merge, resolve_dtype, rewrites_base
+from lightning_lora.export.verify import verify_export
+from lightning_lora.tiny import resolve_model_path
+
+__all__ = ["export_checkpoint"]
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _read_lora_config(value: str | Path | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return dict(value)
+    path = Path(value)
+    if path.is_dir():
+        path = path / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--lora-config={str(value)!r}: no adapter_config.json there")
+    return json.loads(path.read_text())
+
+
+def _check_output(output: Path, checkpoint: Path, base_model: str) -> None:
+    output = output.resolve()
+    if output == checkpoint.resolve() or checkpoint.resolve() in output.parents:
+        raise ExportError(f"--output={str(output)!r} lies inside --checkpoint={str(checkpoint)!r}; choose another directory")
+    base = Path(base_model)
+    if base.exists() and (output == base.resolve() or base.resolve() in output.parents):
+        raise ExportError(f"--output={str(output)!r} lies inside --base-model={base_model!r}; choose another directory")
+
+
+def export_checkpoint(
+    checkpoint: str | Path | TrainedCheckpoint,
+    output: str | Path,
+    base_model: str | Path | None = None,
+    lora_config: str | Path | dict[str, Any] | None = None,
+    dtype: str = "auto",
+    max_shard_size: str = "5GB",
+    prefix: str | None = None,
+    tag: str | None = None,
+    r: int | None = None,
+    lora_alpha: float | None = None,
+    merge_model: bool = True,
+    save_adapter_dir: bool = True,
+    verify: bool = True,
+    overwrite: bool = False,
+    probes: list[list[int]] | None = None,
+    tokenizer: str | Path | None = None,
+    frozen_from_checkpoint: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Export a finished LoRA run as a PEFT adapter and a merged Hugging Face model.
+
+    Args:
+        checkpoint: a DeepSpeed ZeRO directory, a Lightning ``.ckpt`` file, a PEFT adapter
+            directory, or an already read :class:`TrainedCheckpoint`.
+        output: the export directory to create (``adapter/``, ``merged/``, ``export.json``).
+        base_model: the base model directory (or ``builtin:...``); defaults to the one the
+            checkpoint records.
+        lora_config: a PEFT ``adapter_config.json``, a directory holding one, or a dict;
+            defaults to the one the checkpoint records.
+        dtype: ``auto`` (the base's dtype), ``fp32``, ``bf16`` or ``fp16`` for the merged weights.
+        max_shard_size: largest safetensors shard of the merged model, e.g. ``"2GB"``.
+        prefix: the LightningModule attribute holding the PEFT model, e.g. ``"net."``.
+        tag: the ZeRO tag to read instead of ``latest``.
+        r: override the LoRA rank of the recorded config.
+        lora_alpha: override the LoRA alpha of the recorded config.
+        merge_model: write ``merged/``.
+        save_adapter_dir: write ``adapter/``.
+        verify: reload and compare merged with adapter outputs; a failure publishes nothing.
+        overwrite: replace an existing ``output``.
+        probes: token id lists to compare logits on (fixed prompts when ``None``).
+        tokenizer: the tokenizer to ship with the merged model (default: the base's).
+        frozen_from_checkpoint: take frozen weights from the checkpoint instead of the base
+            directory (automatic for PiSSA-like inits, which rewrite them).
+        progress: show a progress bar.
+
+    Returns:
+        The content of ``export.json``.
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    steps = tqdm(total=5, desc="export", disable=not progress, unit="step")
+
+    steps.set_postfix_str("reading checkpoint")
+    if not isinstance(checkpoint, TrainedCheckpoint):
+        if base_model is not None:
+            _check_output(output, Path(checkpoint), str(base_model))
+        checkpoint = load_checkpoint(checkpoint, prefix=prefix, tag=tag, include_frozen=frozen_from_checkpoint)
+    config = _read_lora_config(lora_config) if lora_config is not None else checkpoint.lora_config
+    if config is None:
+        raise ExportError(f"{checkpoint.source!r} does not record its LoRA config; pass --lora-config")
+    config = {**config, **({"r": r} if r is not None else {}), **({"lora_alpha": lora_alpha} if lora_alpha is not None else {})}
+    base_name = base_model if base_model is not None else checkpoint.base_model
+    if base_name is None:
+        raise ExportError(f"{checkpoint.source!r} does not record its base model; pass --base-model")
+    base_path = resolve_model_path(str(base_name))
+    _check_output(output, Path(checkpoint.source), base_path)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"--output={str(output)!r} exists already; pass --overwrite to replace it")
+    steps.update()
+
+    steps.set_postfix_str("loading base + LoRA")
+    try:
+        model = build_peft_model(base_path, config)
+    except OSError as err:
+        raise ExportError(f"--base-model={str(base_name)!r} could not be loaded: {err}") from err
+    from_checkpoint = frozen_from_checkpoint or rewrites_base(config)
+    counts = load_trained(model, checkpoint, frozen_from_checkpoint=from_checkpoint)
+    target = resolve_dtype(dtype, model.base_model.model.config)
+    steps.update()
+
+    with publish_atomically(output, overwrite=overwrite) as tmp:
+        steps.set_postfix_str("saving adapter")
+        # The adapter is written before merging (merging rewrites the model in place). It is
+        # needed for verification even when it is not to be published.
+        adapter_dir = tmp / "adapter" if save_adapter_dir else tmp / ".verify-adapter"
+        if save_adapter_dir or (merge_model and verify):
+            save_adapter(model, adapter_dir)
+        steps.update()
+
+        steps.set_postfix_str("merging")
+        merged_dir = tmp / "merged"
+        if merge_model:
+            merged = merge(model, target)
+            save_merged(merged, merged_dir, max_shard_size, tokenizer or base_path)
+            del merged
+        del model
+        steps.update()
+
+        steps.set_postfix_str("verifying")
+        verification: dict[str, Any] = {"skipped": "no merged model"} if not merge_model else {"skipped": "--no-verify"}
+        if merge_model and verify:
+            verification = verify_export(merged_dir, adapter_dir, base_path, target, probes)
+        if not save_adapter_dir and adapter_dir.exists():
+            import shutil
+
+            shutil.rmtree(adapter_dir)
+        steps.update()
+        steps.close()
+        if verification.get("passed") is False:
+            raise ExportError(
+                f"verification failed: merged and adapter logits differ by {verification['max_abs_logit_diff']:.3g} "
+                f"(tolerance {verification['tolerance']:.3g} for {_DTYPE_NAMES[target]}); nothing was published"
+            )
+        manifest = {
+            "format": 1,
+            "source": {"checkpoint": checkpoint.source, "kind": checkpoint.kind, "tag": checkpoint.tag},
+            "global_step": checkpoint.global_step,
+            "base_model": str(base_name),
+            "base_model_path": base_path,
+            "lora_config": config,
+            "dtype": _DTYPE_NAMES[target],
+            "max_shard_size": max_shard_size,
+            "tensors": counts,
+            "files": file_manifest(tmp),
+            "versions": package_versions(),
+            "verification": verification,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        write_json(tmp / "export.json", manifest)
+    return manifest

@@ -1,0 +1,139 @@
+"""Read DeepSpeed ZeRO checkpoints (stage 1, 2 and 3, any world size) with DeepSpeed's own functions.
+
+Trainable tensors come from ``deepspeed.utils.zero_to_fp32`` (the fp32 master weights). Frozen
+weights are only read when the caller has no base model directory to take them from: then from
+``zero_to_fp32`` too, or, on ZeRO stage 1 where it returns none, from the rank-0 ``module`` entry.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ZeroCheckpointError",
+    "check_rank_files",
+    "is_zero_checkpoint",
+    "read_model_states",
+    "read_zero_checkpoint",
+    "resolve_zero_tag",
+]
+
+_MODEL_STATES = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
+_OPTIM_STATES = re.compile(r"(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+class ZeroCheckpointError(ValueError):
+    """A ZeRO checkpoint directory that cannot be read as it is."""
+
+
+def _is_tag_dir(path: Path) -> bool:
+    return path.is_dir() and any(_MODEL_STATES.search(p.name) for p in path.iterdir())
+
+
+def is_zero_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a ZeRO checkpoint directory (with ``latest``) or one of its tag directories."""
+    return path.is_dir() and ((path / "latest").is_file() or _is_tag_dir(path))
+
+
+def resolve_zero_tag(path: Path, tag: str | None = None) -> Path:
+    """The tag directory to read: ``path/tag``, the one ``path/latest`` names, or ``path`` itself."""
+    if tag is not None:
+        tag_dir = path / tag
+        if not _is_tag_dir(tag_dir):
+            raise ZeroCheckpointError(f"--tag={tag!r}: {str(tag_dir)!r} is not a ZeRO tag directory; tags present: {_tags(path)}")
+        return tag_dir
+    if _is_tag_dir(path):
+        return path
+    latest = path / "latest"
+    if not latest.is_file():
+        raise ZeroCheckpointError(
+            f"--checkpoint={str(path)!r} has no 'latest' file and no model states; tags present: {_tags(path)} "
+            "(choose one with --tag)"
+        )
+    tag_dir = path / latest.read_text().strip()
+    if not _is_tag_dir(tag_dir):
+        raise ZeroCheckpointError(f"{str(latest)!r} names tag {tag_dir.name!r}, but {str(tag_dir)!r} holds no model states")
+    return tag_dir
+
+
+def _tags(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if _is_tag_dir(p)) if path.is_dir() else []
+
+
+def _load(path: Path) -> dict[str, Any]:
+    # mmap: only the tensors that are touched are paged in, whatever the file size.
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def check_rank_files(tag_dir: Path, states: dict[str, Any]) -> int:
+    """Fail, naming the missing ranks, unless every rank's files are visible here. Returns the world size."""
+    world_size = int(states.get("dp_world_size") or 1)
+    stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    optim_ranks = {int(m.group(1)) for p in tag_dir.iterdir() if (m := _OPTIM_STATES.search(p.name))}
+    missing = set(range(world_size)) - optim_ranks
+    if stage == 3:
+        model_ranks = {int(m.group(1)) for p in tag_dir.iterdir() if (m := _MODEL_STATES.search(p.name)) and m.group(1)}
+        missing |= set(range(world_size)) - model_ranks
+    if missing:
+        raise ZeroCheckpointError(
+            f"checkpoint {str(tag_dir)!r} was written by {world_size} ranks but the files of rank(s) "
+            f"{sorted(missing)} are not here. DeepSpeed writes each rank's shard on its own node: the "
+            "checkpoint directory must be on a filesystem shared by all nodes (or copy every node's "
+            "shards into one directory before exporting)"
+        )
+    return world_size
+
+
+def read_model_states(tag_dir: Path) -> dict[str, Any]:
+    """Rank 0's model states: engine metadata, the rank-0 module, and Lightning's client state."""
+    files = sorted(p for p in tag_dir.iterdir() if _MODEL_STATES.search(p.name))
+    # Stage 3 writes zero_pp_rank_0_mp_rank_00_model_states.pt; stages 1/2 mp_rank_00_model_states.pt.
+    return _load(files[0])
+
+
+def read_zero_checkpoint(tag_dir: Path, include_frozen: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Consolidate a ZeRO tag directory into full tensors.
+
+    Args:
+        tag_dir: a tag directory (see :func:`resolve_zero_tag`).
+        include_frozen: also return frozen weights (needed when no base model directory is given).
+
+    Returns:
+        The tensors by checkpoint key, and the client state Lightning stored beside them
+        (``global_step``, ``hyper_parameters``, ...).
+    """
+    from deepspeed.utils import zero_to_fp32
+
+    states = read_model_states(tag_dir)
+    check_rank_files(tag_dir, states)
+    kwargs: dict[str, Any] = {"tag": tag_dir.name}
+    # Feature detection instead of version checks: older DeepSpeed lacks these arguments.
+    parameters = inspect.signature(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint).parameters
+    if "exclude_frozen_parameters" in parameters:
+        kwargs["exclude_frozen_parameters"] = not include_frozen
+    try:
+        tensors = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), **kwargs)
+    except (FileNotFoundError, ValueError, RuntimeError, EOFError) as err:
+        raise ZeroCheckpointError(f"DeepSpeed could not consolidate {str(tag_dir)!r}: {err}") from err
+    tensors = {key: value.contiguous() for key, value in tensors.items()}
+    if include_frozen:
+        # ZeRO stage 1 returns no frozen weights; the rank-0 module state holds them whole.
+        for key, value in states.get("module", {}).items():
+            if key not in tensors and isinstance(value, torch.Tensor) and value.numel() > 0:
+                tensors[key] = value.clone()
+    client_state = {key: value for key, value in states.items() if key not in _ENGINE_KEYS}
+    return tensors, client_state
+
+
+# What DeepSpeed itself stores in the model states; the rest is Lightning's client state.
+_ENGINE_KEYS = frozenset({
+    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+    "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
+    "ds_version",
+})
