@@ -1,0 +1,141 @@
+"""Train a tiny LoRA run for the export tests, the way a user would, and record the truth.
+
+Lightning re-runs this file for every extra rank (its subprocess launcher), so it is a plain
+script; tests call it with ``subprocess``. It writes, under ``--out``:
+
+- ``ckpt``: the final checkpoint (a ZeRO directory under DeepSpeed, a ``.ckpt`` file otherwise),
+  saved with ``trainer.save_checkpoint``;
+- ``trained.pt`` (rank 0): every trainable tensor at the end of training, full and in fp32, keyed
+  like the PEFT model (``base_model.model....lora_A.default.weight``). Under DeepSpeed these are
+  the fp32 master weights gathered with ``deepspeed.utils.safe_get_full_fp32_param``: the
+  independent truth the export is compared with;
+- ``export/`` when ``--export`` adds the ``HFExport`` callback.
+
+Example::
+
+    python tests/scripts/train_run.py --base BASE --out OUT --strategy deepspeed --stage 3 --devices 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ -> import deepspeed_cpu
+
+from deepspeed_cpu import CPUDeepSpeedStrategy, cpu_deepspeed_env  # noqa: E402  (sets DS_ACCELERATOR first)
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_lora import InstructionDataModule, LoraFinetuneModule  # noqa: E402
+from lightning_lora.callbacks import HFExport  # noqa: E402
+from lightning_lora.tiny import quickstart_rows  # noqa: E402
+
+
+class UserModule(L.LightningModule):
+    """A LightningModule written by a user, not ours: the PEFT model lives in ``self.net``."""
+
+    def __init__(self, base: str, lora: dict) -> None:
+        super().__init__()
+        self.base, self.lora = base, lora
+        self.net: torch.nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        self.net = get_peft_model(AutoModelForCausalLM.from_pretrained(self.base), LoraConfig(**self.lora))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.net(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--strategy", choices=["single", "ddp", "deepspeed"], default="single")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--exclude-frozen", action="store_true")
+    parser.add_argument("--targets", default="q_proj,v_proj", help="comma-separated names, or all-linear")
+    parser.add_argument("--modules-to-save", default="")
+    parser.add_argument("--r", type=int, default=4)
+    parser.add_argument("--alpha", type=int, default=8)
+    parser.add_argument("--rslora", action="store_true")
+    parser.add_argument("--dora", action="store_true")
+    parser.add_argument("--user-module", action="store_true", help="train UserModule (self.net) instead of ours")
+    parser.add_argument("--export", action="store_true", help="add HFExport(dirpath=OUT/export)")
+    parser.add_argument("--export-dtype", default="auto")
+    parser.add_argument("--steps", type=int, default=4)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    cpu_deepspeed_env()
+    out = Path(args.out)
+    targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+    lora = dict(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets,
+                modules_to_save=args.modules_to_save.split(",") if args.modules_to_save else None,
+                use_rslora=args.rslora, use_dora=args.dora)
+    if args.user_module:
+        module: L.LightningModule = UserModule(args.base, {**lora, "task_type": "CAUSAL_LM"})
+    else:
+        module = LoraFinetuneModule(args.base, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), **lora)
+    data_file = out / "train.jsonl"
+    if "LOCAL_RANK" not in os.environ:  # the launching process writes; the ranks it starts read
+        out.mkdir(parents=True, exist_ok=True)
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in quickstart_rows("train")[:64]))
+    data = InstructionDataModule(str(data_file), tokenizer=args.base, batch_size=4, val_split=0.125,
+                                 template="human_assistant", max_length=64)
+
+    if args.strategy == "deepspeed":
+        strategy: object = CPUDeepSpeedStrategy(stage=args.stage, exclude_frozen_parameters=args.exclude_frozen)
+    elif args.strategy == "ddp":
+        strategy = "ddp"
+    else:
+        strategy = "auto"
+    callbacks = [HFExport(dirpath=str(out / "export"), dtype=args.export_dtype)] if args.export else []
+    trainer = L.Trainer(
+        accelerator="cpu", devices=args.devices, strategy=strategy, precision=args.precision,
+        max_steps=args.steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks, default_root_dir=str(out),
+    )
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(out / "ckpt")
+    trained = _gather_trained(trainer, module)
+    if trainer.is_global_zero:
+        torch.save(trained, out / "trained.pt")
+
+
+def _gather_trained(trainer: L.Trainer, module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """Every trainable tensor, full and fp32, named as in the PEFT model. Runs on all ranks."""
+    attribute = "net." if isinstance(module, UserModule) else "model."
+    trained = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if isinstance(trainer.strategy, CPUDeepSpeedStrategy):
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            value = safe_get_full_fp32_param(param)  # a collective under ZeRO-3
+        else:
+            value = param.detach()
+        trained[name.removeprefix(attribute)] = value.float().cpu().clone()
+    return trained
+
+
+if __name__ == "__main__":
+    main()

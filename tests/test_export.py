@@ -1,0 +1,260 @@
+"""The export, end to end: real training runs (single device, DDP, DeepSpeed ZeRO 1/2/3 on CPU
+processes), then ``lightning-lora export``, then stock ``from_pretrained`` reloads.
+
+Each run is trained once per session by ``tests/scripts/train_run.py`` in a subprocess, which also
+records the trained tensors (for DeepSpeed, the fp32 master weights gathered from the engine).
+The merged weights are compared with a reference merged *by hand* in this file from the base
+model on disk and those tensors: ``W + scale * B @ A`` (transposed for Conv1D, DoRA-normalised).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_lora.cli import export_main
+
+from conftest import REPO
+
+SCRIPT = REPO / "tests" / "scripts" / "train_run.py"
+
+# name -> (architecture, train_run.py arguments)
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "single-fp32": ("llama", ["--strategy", "single"]),
+    "single-bf16": ("llama", ["--strategy", "single", "--precision", "bf16-mixed"]),
+    "ddp-fp32": ("llama", ["--strategy", "ddp", "--devices", "2"]),
+    "ddp-bf16": ("llama", ["--strategy", "ddp", "--devices", "2", "--precision", "bf16-mixed"]),
+    "zero1-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "1", "--devices", "2"]),
+    "zero1-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "1", "--devices", "2", "--precision", "bf16-mixed"]),
+    "zero2-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2"]),
+    "zero2-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--precision", "bf16-mixed"]),
+    "zero3-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2"]),
+    "zero3-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--precision", "bf16-mixed", "--export"]),
+    "zero3-3proc": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "3"]),
+    "zero3-exclude-frozen": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--precision", "bf16-mixed", "--exclude-frozen"]),
+    "gpt2-conv1d": ("gpt2", ["--targets", "c_attn,c_proj"]),
+    "bloom-qkv": ("bloom", ["--targets", "query_key_value"]),
+    "qwen2-tied": ("qwen2", ["--targets", "q_proj,v_proj"]),
+    "all-linear": ("llama", ["--targets", "all-linear"]),
+    "rslora": ("llama", ["--rslora", "--r", "8", "--alpha", "4"]),
+    "dora": ("llama", ["--dora"]),
+    "modules-to-save-lm-head": ("llama", ["--modules-to-save", "lm_head"]),
+    "user-module-net": ("llama", ["--user-module", "--export"]),
+}
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bases: dict[str, Path]):
+    """Train each run on first use (one subprocess each) and return ``(run_dir, base_dir)``."""
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in done:
+            arch, args = RUNS[name]
+            out = tmp_path_factory.mktemp(name)
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+            result = subprocess.run(
+                [sys.executable, str(SCRIPT), "--base", str(tiny_bases[arch]), "--out", str(out), *args],
+                capture_output=True, text=True, timeout=600, env=env,
+            )
+            assert result.returncode == 0, f"training run {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+            done[name] = (out, tiny_bases[arch])
+        return done[name]
+
+    return get
+
+
+def _export(checkpoint: Path, output: Path, base: Path, *extra: str) -> dict:
+    code = export_main(["--checkpoint", str(checkpoint), "--output", str(output), "--base-model", str(base), *extra])
+    assert code == 0
+    return json.loads((output / "export.json").read_text())
+
+
+def _load_dir(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def reference_merge(base: Path, trained: dict[str, torch.Tensor], lora: dict) -> dict[str, torch.Tensor]:
+    """Merge by hand, in fp64, from the base weights on disk and the trained tensors.
+
+    GPT-2's projections are Conv1D layers, which store the weight as (in, out): the transpose of
+    ``B @ A``. (Its square attention ``c_proj`` shows that shapes alone cannot tell.)
+    """
+    conv1d = json.loads((base / "config.json").read_text())["model_type"] == "gpt2"
+    weights = {k: v.double() for k, v in _load_dir(base).items()}
+    r, alpha = lora["r"], lora["lora_alpha"]
+    scale = alpha / math.sqrt(r) if lora.get("use_rslora") else alpha / r
+    root = "base_model.model."
+    for key, a in trained.items():
+        if ".lora_A.default.weight" not in key:
+            continue
+        module = key[len(root):].removesuffix(".lora_A.default.weight")
+        b = trained[key.replace("lora_A", "lora_B")].double()
+        delta = scale * (b @ a.double())
+        weight = weights[f"{module}.weight"]
+        if conv1d:
+            delta = delta.T
+        merged = weight + delta
+        magnitude = trained.get(f"{root}{module}.lora_magnitude_vector.default.weight")
+        if magnitude is not None:  # DoRA: rescale each output row to the trained magnitude
+            merged = merged * (magnitude.double() / merged.norm(dim=1)).unsqueeze(1)
+        weights[f"{module}.weight"] = merged
+    for key, value in trained.items():
+        if ".modules_to_save.default." in key:
+            weights[key[len(root):].replace(".modules_to_save.default.", ".")] = value.double()
+    return weights
+
+
+def _adapter_and_merged_logits(export: Path, base: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(export / "merged", dtype=torch.float32).eval()
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), export / "adapter").eval()
+    ids = torch.randint(3, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+        return (merged(input_ids=ids).logits, adapter(input_ids=ids).logits,
+                merged.generate(ids, **kwargs), adapter.generate(ids, **kwargs))
+
+
+EXPECTED_FILES = {
+    "export.json",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "merged/config.json",
+    "merged/generation_config.json",
+    "merged/model.safetensors",
+    "merged/tokenizer.json",
+    "merged/tokenizer_config.json",
+    "merged/chat_template.jinja",
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_export_matches_an_independent_merge(name: str, trained_runs, tmp_path: Path) -> None:
+    run, base = trained_runs(name)
+    checkpoint = run / "ckpt"
+    manifest = _export(checkpoint, tmp_path / "out", base)
+    out = tmp_path / "out"
+
+    # Exactly the promised files, each hashed in export.json.
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == EXPECTED_FILES
+    assert set(manifest["files"]) == EXPECTED_FILES - {"export.json"}
+    assert manifest["verification"]["passed"] and manifest["verification"]["token_agreement"] == 1.0
+    assert manifest["global_step"] == 4 and manifest["dtype"] == "float32"
+
+    # Merged weights equal the hand-made merge of the trained tensors (fp32 export: <= 1e-5).
+    trained = torch.load(run / "trained.pt")
+    lora = manifest["lora_config"]
+    reference = reference_merge(base, trained, lora)
+    merged = _load_dir(out / "merged")
+    tied = "lm_head.weight" not in merged
+    assert set(merged) == set(reference) - ({"lm_head.weight"} if tied else set())
+    worst = max((merged[k].double() - reference[k]).abs().max().item() for k in merged)
+    assert worst <= 1e-5, f"{name}: merged weights differ from the reference by {worst}"
+    base_weights = _load_dir(base)
+    changed = [k for k in merged if not torch.equal(merged[k], base_weights[k])]
+    assert changed, "training changed nothing: the comparison would prove nothing"
+
+    # The merged model behaves as the adapter model: logits and greedy generations.
+    merged_logits, adapter_logits, merged_tokens, adapter_tokens = _adapter_and_merged_logits(out, base)
+    assert (merged_logits - adapter_logits).abs().max().item() <= 1e-4
+    assert torch.equal(merged_tokens, adapter_tokens)
+
+
+def test_bf16_export_is_within_one_rounding(trained_runs, tmp_path: Path) -> None:
+    run, base = trained_runs("zero2-bf16")
+    manifest = _export(run / "ckpt", tmp_path / "out", base, "--dtype", "bf16")
+    assert manifest["dtype"] == "bfloat16" and manifest["verification"]["passed"]
+    reference = reference_merge(base, torch.load(run / "trained.pt"), manifest["lora_config"])
+    for key, value in _load_dir(tmp_path / "out" / "merged").items():
+        assert value.dtype == torch.bfloat16
+        exact = reference[key].float()
+        # One rounding: the distance to the exact value is at most half a bf16 step of that value.
+        half_ulp = exact.abs() * 2.0**-8 + 1e-30
+        assert ((value.float() - exact).abs() <= half_ulp).all(), key
+
+
+def test_callback_and_command_produce_the_same_export(trained_runs, tmp_path: Path) -> None:
+    run, base = trained_runs("zero3-bf16")  # trained with HFExport in the 2-process DeepSpeed run
+    callback_export = run / "export"
+    assert json.loads((callback_export / "export.json").read_text())["verification"]["passed"]
+    # The callback exported from the ZeRO checkpoint it saved itself; the command reads that same one.
+    _export(run / "export-zero.ckpt", tmp_path / "out", base)
+    for part in ("merged", "adapter"):
+        ours, theirs = _load_dir(callback_export / part), _load_dir(tmp_path / "out" / part)
+        assert set(ours) == set(theirs)
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), (part, key)
+    # And that checkpoint holds the same training state as the one saved after fit.
+    _export(run / "ckpt", tmp_path / "out2", base)
+    assert _load_dir(tmp_path / "out2" / "merged").keys() == _load_dir(tmp_path / "out" / "merged").keys()
+
+
+def test_zero1_frozen_weights_from_the_rank0_module_state(trained_runs, tmp_path: Path) -> None:
+    # ZeRO-1: zero_to_fp32 returns no frozen weights; they must come from the rank-0 module state.
+    run, base = trained_runs("zero1-fp32")
+    manifest = _export(run / "ckpt", tmp_path / "out", base, "--frozen-from-checkpoint")
+    assert manifest["tensors"]["frozen_tensors_from_checkpoint"] > 0
+    reference = reference_merge(base, torch.load(run / "trained.pt"), manifest["lora_config"])
+    for key, value in _load_dir(tmp_path / "out" / "merged").items():
+        assert (value.double() - reference[key]).abs().max().item() <= 1e-5, key
+
+
+def test_tag_directory_and_sharded_output(trained_runs, tmp_path: Path) -> None:
+    run, base = trained_runs("zero2-fp32")
+    tag = (run / "ckpt" / "latest").read_text().strip()
+    _export(run / "ckpt" / tag, tmp_path / "out", base, "--max-shard-size", "100KB")
+    merged = tmp_path / "out" / "merged"
+    shards = sorted(p.name for p in merged.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (merged / "model.safetensors").exists()
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    # total_size counts each tensor's bytes once.
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _load_dir(merged).values())
+
+
+def test_adapter_directory_as_input_round_trips(trained_runs, tmp_path: Path) -> None:
+    run, base = trained_runs("single-fp32")
+    _export(run / "ckpt", tmp_path / "first", base)
+    # An exported adapter is itself a valid input: exporting it again gives the same merged model.
+    _export(tmp_path / "first" / "adapter", tmp_path / "second", base)
+    first, second = _load_dir(tmp_path / "first" / "merged"), _load_dir(tmp_path / "second" / "merged")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_user_module_checkpoint_without_recorded_config(trained_runs, tmp_path: Path) -> None:
+    """A checkpoint of a user's module saved without HFExport records no LoRA config: the command
+    asks for --lora-config, and with it (and the attribute found by itself) exports the same model."""
+    run, base = trained_runs("user-module-net")
+    checkpoint = torch.load(run / "ckpt", weights_only=False)
+    checkpoint.pop("lightning_lora")
+    bare = tmp_path / "bare.ckpt"
+    torch.save(checkpoint, bare)
+    code = export_main(["--checkpoint", str(bare), "--output", str(tmp_path / "x"), "--base-model", str(base)])
+    assert code == 1 and not (tmp_path / "x").exists()
+
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+                                  "target_modules": ["q_proj", "v_proj"]}))
+    _export(bare, tmp_path / "out", base, "--lora-config", str(config))
+    _export(run / "ckpt", tmp_path / "recorded", base)
+    ours, recorded = _load_dir(tmp_path / "out" / "merged"), _load_dir(tmp_path / "recorded" / "merged")
+    assert all(torch.equal(ours[k], recorded[k]) for k in recorded)
+    # The in-memory export of the callback during fit agrees too.
+    from_callback = _load_dir(run / "export" / "merged")
+    assert all(torch.equal(from_callback[k], recorded[k]) for k in recorded)
