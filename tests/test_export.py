@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,54 +19,7 @@ from safetensors.torch import load_file
 
 from lightning_lora.cli import export_main
 
-from conftest import REPO
-
-SCRIPT = REPO / "tests" / "scripts" / "train_run.py"
-
-# name -> (architecture, train_run.py arguments)
-RUNS: dict[str, tuple[str, list[str]]] = {
-    "single-fp32": ("llama", ["--strategy", "single"]),
-    "single-bf16": ("llama", ["--strategy", "single", "--precision", "bf16-mixed"]),
-    "ddp-fp32": ("llama", ["--strategy", "ddp", "--devices", "2"]),
-    "ddp-bf16": ("llama", ["--strategy", "ddp", "--devices", "2", "--precision", "bf16-mixed"]),
-    "zero1-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "1", "--devices", "2"]),
-    "zero1-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "1", "--devices", "2", "--precision", "bf16-mixed"]),
-    "zero2-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2"]),
-    "zero2-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--precision", "bf16-mixed"]),
-    "zero3-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2"]),
-    "zero3-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--precision", "bf16-mixed", "--export"]),
-    "zero3-3proc": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "3"]),
-    "zero3-exclude-frozen": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--precision", "bf16-mixed", "--exclude-frozen"]),
-    "gpt2-conv1d": ("gpt2", ["--targets", "c_attn,c_proj"]),
-    "bloom-qkv": ("bloom", ["--targets", "query_key_value"]),
-    "qwen2-tied": ("qwen2", ["--targets", "q_proj,v_proj"]),
-    "all-linear": ("llama", ["--targets", "all-linear"]),
-    "rslora": ("llama", ["--rslora", "--r", "8", "--alpha", "4"]),
-    "dora": ("llama", ["--dora"]),
-    "modules-to-save-lm-head": ("llama", ["--modules-to-save", "lm_head"]),
-    "user-module-net": ("llama", ["--user-module", "--export"]),
-}
-
-
-@pytest.fixture(scope="session")
-def trained_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bases: dict[str, Path]):
-    """Train each run on first use (one subprocess each) and return ``(run_dir, base_dir)``."""
-    done: dict[str, tuple[Path, Path]] = {}
-
-    def get(name: str) -> tuple[Path, Path]:
-        if name not in done:
-            arch, args = RUNS[name]
-            out = tmp_path_factory.mktemp(name)
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-            result = subprocess.run(
-                [sys.executable, str(SCRIPT), "--base", str(tiny_bases[arch]), "--out", str(out), *args],
-                capture_output=True, text=True, timeout=600, env=env,
-            )
-            assert result.returncode == 0, f"training run {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-            done[name] = (out, tiny_bases[arch])
-        return done[name]
-
-    return get
+from conftest import RUNS
 
 
 def _export(checkpoint: Path, output: Path, base: Path, *extra: str) -> dict:
