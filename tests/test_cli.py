@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -68,8 +69,6 @@ def test_model_preset_targets_exist_in_its_family(preset: Path, tiny_bases: dict
 
 
 def test_shipped_quickstart_data_matches_its_generator_and_answers_are_right() -> None:
-    import json
-
     for split in ("train", "test"):
         shipped = [json.loads(line) for line in (REPO / "data/quickstart" / f"{split}.jsonl").read_text().splitlines()]
         assert shipped == quickstart_rows(split)
@@ -109,6 +108,11 @@ def test_quickstart_runs_end_to_end_shortened(tmp_path: Path, monkeypatch: pytes
     header = metrics[0].split(",")
     val_losses = [float(row.split(",")[header.index("val_loss")]) for row in metrics[1:] if row.split(",")[header.index("val_loss")]]
     assert len(val_losses) == 2 and val_losses[1] < val_losses[0]
+    # The run ends with a verified export: the PEFT adapter and the merged model.
+    export = json.loads((run / "export" / "export.json").read_text())
+    assert export["verification"]["passed"] and export["global_step"] == 8
+    assert (run / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "export" / "merged" / "config.json").is_file()
 
 
 def test_console_entry_points() -> None:
