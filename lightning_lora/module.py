@@ -149,11 +149,11 @@ class LoraFinetuneModule(L.LightningModule):
         if self.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
-        # PEFT upcasts adapters of a half-precision base to fp32 for stable training. DeepSpeed keeps
-        # fp32 master weights itself, and its ZeRO-3 defragmentation asserts on mixed dtypes.
         strategy = self._deepspeed_strategy()
         if strategy is not None and strategy.zero_stage_3:
             self._check_zero3_support()
+        # PEFT upcasts adapters of a half-precision base to fp32 for stable training. DeepSpeed keeps
+        # fp32 master weights itself, and its ZeRO-3 defragmentation asserts on mixed dtypes.
         self.model = get_peft_model(base, self.lora_config(), autocast_adapter_dtype=strategy is None)
         if strategy is not None and strategy.zero_stage_3:
             _reinit_lora_partitioned(self.model)
@@ -172,7 +172,8 @@ class LoraFinetuneModule(L.LightningModule):
         config = self.model.peft_config["default"] if self.model is not None else self.lora_config()
         checkpoint[CHECKPOINT_KEY] = {
             "peft_config": config_to_dict(config),
-            "base_model": config.base_model_name_or_path,
+            # As configured ("builtin:tiny-llama", a hub id, a path), so that it resolves anywhere.
+            "base_model": self.model_name_or_path,
             "prefix": "model.",
         }
 

@@ -14,7 +14,7 @@ import torch
 
 from lightning_lora.export.checkpoint import TrainedCheckpoint, lora_config_from_dict
 
-__all__ = ["ExportError", "build_peft_model", "load_trained", "merge", "resolve_dtype"]
+__all__ = ["ExportError", "build_peft_model", "load_trained", "merge", "resolve_dtype", "trained_by_model_key"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # LoRA initialisations that rewrite the base weights at the start of training: the trained model's
@@ -58,11 +58,38 @@ def build_peft_model(base_model: str | Path, lora_config: dict[str, Any]) -> Any
     return get_peft_model(base, config, autocast_adapter_dtype=False)
 
 
-def load_trained(model: Any, checkpoint: TrainedCheckpoint, frozen_from_checkpoint: bool) -> dict[str, int]:
-    """Load every trained tensor into ``model``, failing with names on any gap or mismatch.
+def trained_by_model_key(model: Any, checkpoint: TrainedCheckpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors keyed like ``model.state_dict()``, checked against ``model``.
 
-    Every trainable parameter of the rebuilt PEFT model must come from the checkpoint, and every
-    adapter tensor of the checkpoint must land in the model.
+    Every trainable parameter of the rebuilt PEFT model must come from the checkpoint, every
+    tensor of the checkpoint must name a tensor of the model, and shapes must agree; any gap fails
+    with names. ``model`` may live on the meta device: only names and shapes are used.
+    """
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    tensors = dict(checkpoint.tensors)
+    if checkpoint.adapter_format:
+        # Let PEFT name the adapter-file keys (``...lora_A.weight``, ``lm_head.weight`` for
+        # modules_to_save, ...) by feeding it each trainable parameter's index instead of its value.
+        from peft.utils import get_peft_model_state_dict
+
+        index = {name: torch.tensor(i) for i, name in enumerate(trainable)}
+        file_keys = {key: trainable[int(i)] for key, i in get_peft_model_state_dict(model, state_dict=index).items()}
+        _raise_on_gaps(sorted(set(file_keys) - set(tensors)), sorted(set(tensors) - set(file_keys)), checkpoint.source)
+        tensors = {file_keys[key]: value for key, value in tensors.items()}
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    _raise_on_gaps(sorted(set(trainable) - set(tensors)), sorted(set(tensors) - set(shapes)), checkpoint.source)
+    for key, value in tensors.items():
+        if shapes[key] != tuple(value.shape):
+            raise ExportError(
+                f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but the base model's is "
+                f"{shapes[key]}: --base-model is not the model this run trained, or --r / "
+                "the LoRA config differs from training"
+            )
+    return tensors
+
+
+def load_trained(model: Any, checkpoint: TrainedCheckpoint, frozen_from_checkpoint: bool) -> dict[str, int]:
+    """Load every trained tensor into ``model`` (see :func:`trained_by_model_key` for the checks).
 
     Args:
         model: the rebuilt PEFT model (see :func:`build_peft_model`).
@@ -71,32 +98,14 @@ def load_trained(model: Any, checkpoint: TrainedCheckpoint, frozen_from_checkpoi
             PiSSA-like inits, which rewrote them, and exports without a base directory).
             Otherwise the base directory's weights, in their original precision, are kept.
     """
-    from peft.utils import set_peft_model_state_dict
-
+    tensors = trained_by_model_key(model, checkpoint)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     own = model.state_dict()
-    if checkpoint.adapter_format:
-        result = set_peft_model_state_dict(model, checkpoint.tensors)
-        unexpected = [k for k in result.unexpected_keys if "lora_" in k or "modules_to_save" in k]
-        missing = sorted(trainable & set(result.missing_keys))
-        _raise_on_gaps(missing, unexpected, checkpoint.source)
-        return {"trained_tensors": len(trainable), "frozen_tensors_from_checkpoint": 0}
-    missing = sorted(trainable - set(checkpoint.tensors))
-    unexpected = sorted(set(checkpoint.tensors) - set(own))
-    _raise_on_gaps(missing, unexpected, checkpoint.source)
-    for key, value in checkpoint.tensors.items():
-        if own[key].shape != value.shape:
-            raise ExportError(
-                f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but the base model's is "
-                f"{tuple(own[key].shape)}: --base-model is not the model this run trained, or --r / "
-                "the LoRA config differs from training"
-            )
-    to_copy = set(checkpoint.tensors) if frozen_from_checkpoint else trainable
+    to_copy = set(tensors) if frozen_from_checkpoint else trainable
     with torch.no_grad():
         for key in to_copy:
-            own[key].copy_(checkpoint.tensors[key].to(torch.float32))
-    frozen = len(to_copy - trainable)
-    return {"trained_tensors": len(trainable), "frozen_tensors_from_checkpoint": frozen}
+            own[key].copy_(tensors[key].to(torch.float32))
+    return {"trained_tensors": len(trainable), "frozen_tensors_from_checkpoint": len(to_copy - trainable)}
 
 
 def _raise_on_gaps(missing: list[str], unexpected: list[str], source: str) -> None:
