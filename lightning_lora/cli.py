@@ -4,6 +4,7 @@ and ``export``, which turns a finished checkpoint into a PEFT adapter and a merg
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", help="ZeRO tag to read instead of the one 'latest' names")
     parser.add_argument("--r", type=int, help="override the LoRA rank")
     parser.add_argument("--lora-alpha", type=float, help="override the LoRA alpha")
+    parser.add_argument("--merge-impl", default="auto", choices=["auto", "peft", "streaming"],
+                        help="peft: merge_and_unload on the whole model; streaming: one tensor at a time, "
+                        "for models larger than memory; auto (default): streaming when the model would not fit comfortably")
     parser.add_argument("--no-merge", action="store_true", help="write only the adapter")
     parser.add_argument("--no-verify", action="store_true", help="skip the merged-vs-adapter comparison")
     parser.add_argument("--frozen-from-checkpoint", action="store_true",
@@ -76,6 +80,7 @@ def export_main(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per model load
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         from lightning_lora.export.pipeline import export_checkpoint
 
@@ -91,6 +96,7 @@ def export_main(argv: list[str]) -> int:
             r=args.r,
             lora_alpha=args.lora_alpha,
             merge_model=not args.no_merge,
+            merge_impl=args.merge_impl,
             verify=not args.no_verify,
             overwrite=args.overwrite,
             frozen_from_checkpoint=args.frozen_from_checkpoint,

@@ -56,6 +56,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "gpt2-conv1d": ("gpt2", ["--targets", "c_attn,c_proj"]),
     "bloom-qkv": ("bloom", ["--targets", "query_key_value"]),
     "qwen2-tied": ("qwen2", ["--targets", "q_proj,v_proj"]),
+    "qwen2-tied-lm-head-trained": ("qwen2", ["--targets", "q_proj,v_proj", "--modules-to-save", "lm_head"]),
     "all-linear": ("llama", ["--targets", "all-linear"]),
     "rslora": ("llama", ["--rslora", "--r", "8", "--alpha", "4"]),
     "dora": ("llama", ["--dora"]),

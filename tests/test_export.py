@@ -116,8 +116,12 @@ def test_export_matches_an_independent_merge(name: str, trained_runs, tmp_path: 
     worst = max((merged[k].double() - reference[k]).abs().max().item() for k in merged)
     assert worst <= 1e-5, f"{name}: merged weights differ from the reference by {worst}"
     base_weights = _load_dir(base)
-    changed = [k for k in merged if not torch.equal(merged[k], base_weights[k])]
+    changed = [k for k in merged if k not in base_weights or not torch.equal(merged[k], base_weights[k])]
     assert changed, "training changed nothing: the comparison would prove nothing"
+
+    # A trained head of a tied model is written on its own and untied, or reloading would re-tie it.
+    if "lm_head.weight" in merged and "lm_head.weight" not in base_weights:
+        assert json.loads((out / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
 
     # The merged model behaves as the adapter model: logits and greedy generations.
     merged_logits, adapter_logits, merged_tokens, adapter_tokens = _adapter_and_merged_logits(out, base)
@@ -208,3 +212,27 @@ def test_user_module_checkpoint_without_recorded_config(trained_runs, tmp_path: 
     # The in-memory export of the callback during fit agrees too.
     from_callback = _load_dir(run / "export" / "merged")
     assert all(torch.equal(from_callback[k], recorded[k]) for k in recorded)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_streaming_merger_equals_peft_merge(name: str, trained_runs, tmp_path: Path) -> None:
+    run, base = trained_runs(name)
+    for dtype in ("fp32", "bf16"):
+        peft_out, stream_out = tmp_path / f"peft-{dtype}", tmp_path / f"stream-{dtype}"
+        _export(run / "ckpt", peft_out, base, "--merge-impl", "peft", "--dtype", dtype, "--no-verify")
+        manifest = _export(run / "ckpt", stream_out, base, "--merge-impl", "streaming", "--dtype", dtype)
+        assert manifest["merge_impl"] == "streaming" and manifest["verification"]["passed"]
+        for part in ("merged", "adapter"):
+            ours, peft = _load_dir(stream_out / part), _load_dir(peft_out / part)
+            assert ours.keys() == peft.keys(), part
+            for key in ours:
+                assert ours[key].dtype == peft[key].dtype, key
+                if dtype == "fp32" or part == "adapter":
+                    assert torch.equal(ours[key], peft[key]), (part, key)
+                else:  # identical or one bf16 rounding apart
+                    a, b = ours[key].float(), peft[key].float()
+                    assert ((a - b).abs() <= b.abs() * 2.0**-7 + 1e-30).all(), key
+        config = lambda out: json.loads((out / "merged" / "config.json").read_text())  # noqa: E731
+        assert config(stream_out) == config(peft_out)
+        assert json.loads((stream_out / "adapter" / "adapter_config.json").read_text()) == json.loads(
+            (peft_out / "adapter" / "adapter_config.json").read_text())

@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, TrainedCheckpoint, config_to_dict
 from lightning_lora.export.keys import normalize_keys
 from lightning_lora.export.pipeline import export_checkpoint
+from lightning_lora.export.stream import MERGE_IMPLS
 from lightning_lora.export.zero import ZeroCheckpointError, check_rank_files, read_model_states, resolve_zero_tag
 
 __all__ = ["HFExport"]
@@ -41,6 +42,8 @@ class HFExport(L.Callback):
         save_adapter: write the PEFT adapter.
         dtype: dtype of the merged weights: ``auto`` (the base's), ``fp32``, ``bf16``, ``fp16``.
         max_shard_size: largest safetensors shard of the merged model.
+        merge_impl: ``peft`` (``merge_and_unload`` in memory), ``streaming`` (one tensor at a time),
+            or ``auto`` (streaming when the model would not fit comfortably in memory).
         verify: reload both and compare their logits and greedy generations; a failure publishes nothing.
         base_model: the base model directory; by default the one the PEFT config names.
         overwrite: replace an existing export in ``dirpath``.
@@ -53,6 +56,7 @@ class HFExport(L.Callback):
         save_adapter: bool = True,
         dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
         max_shard_size: str = "5GB",
+        merge_impl: Literal["auto", "peft", "streaming"] = "auto",
         verify: bool = True,
         base_model: str | None = None,
         overwrite: bool = False,
@@ -66,6 +70,9 @@ class HFExport(L.Callback):
         self.save_adapter = save_adapter
         self.dtype = dtype
         self.max_shard_size = max_shard_size
+        if merge_impl not in MERGE_IMPLS:
+            raise ValueError(f"HFExport merge_impl={merge_impl!r} is not one of {list(MERGE_IMPLS)}")
+        self.merge_impl = merge_impl
         self.verify = verify
         self.base_model = base_model
         self.overwrite = overwrite
@@ -98,6 +105,7 @@ class HFExport(L.Callback):
             max_shard_size=self.max_shard_size,
             prefix=described["prefix"],
             merge_model=self.merge,
+            merge_impl=self.merge_impl,
             save_adapter_dir=self.save_adapter,
             verify=self.verify,
             overwrite=self.overwrite,

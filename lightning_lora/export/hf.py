@@ -10,6 +10,7 @@ Layout of an export directory::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -20,7 +21,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["file_manifest", "package_versions", "publish_atomically", "save_adapter", "save_merged", "write_json"]
+import torch
+
+__all__ = [
+    "file_manifest",
+    "package_versions",
+    "publish_atomically",
+    "save_adapter",
+    "save_merged",
+    "save_tokenizer",
+    "write_json",
+]
 
 
 @contextmanager
@@ -50,20 +61,34 @@ def publish_atomically(output: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_adapter(peft_model: Any, directory: Path) -> None:
-    """PEFT's own adapter layout: ``adapter_config.json`` + ``adapter_model.safetensors``."""
-    peft_model.save_pretrained(directory, safe_serialization=True)
-    # PEFT also writes a placeholder model card ("More Information Needed"); it describes nothing.
-    (directory / "README.md").unlink(missing_ok=True)
+def save_adapter(model: Any, trained: dict[str, torch.Tensor], directory: Path) -> None:
+    """PEFT's own adapter layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    Written from the trained tensors (fp32) with PEFT's own key naming, so the same function
+    serves a real PEFT model and one on the meta device.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = get_peft_model_state_dict(model, state_dict={k: v.float() for k, v in trained.items() if k in trainable})
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config["default"])
+    config.inference_mode = True  # as PeftModel.save_pretrained writes it
+    config.save_pretrained(directory)
 
 
-def save_merged(model: Any, directory: Path, max_shard_size: str, tokenizer_source: str | Path | None) -> None:
-    """``save_pretrained`` with safetensors shards, plus the tokenizer and the generation config."""
+def save_merged(model: Any, directory: Path, max_shard_size: str) -> None:
+    """``save_pretrained`` with safetensors shards (config and generation config included)."""
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
+
+
+def save_tokenizer(source: str | Path, directory: Path) -> None:
+    """The tokenizer files of ``source``, as ``save_pretrained`` writes them."""
     from transformers import AutoTokenizer
 
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
-    if tokenizer_source is not None:
-        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
 
 
 def file_manifest(root: Path) -> dict[str, dict[str, Any]]:

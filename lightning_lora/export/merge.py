@@ -14,7 +14,15 @@ import torch
 
 from lightning_lora.export.checkpoint import TrainedCheckpoint, lora_config_from_dict
 
-__all__ = ["ExportError", "build_peft_model", "load_trained", "merge", "resolve_dtype", "trained_by_model_key"]
+__all__ = [
+    "ExportError",
+    "build_peft_model",
+    "count_tensors",
+    "load_trained",
+    "merge",
+    "resolve_dtype",
+    "trained_by_model_key",
+]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # LoRA initialisations that rewrite the base weights at the start of training: the trained model's
@@ -88,24 +96,28 @@ def trained_by_model_key(model: Any, checkpoint: TrainedCheckpoint) -> dict[str,
     return tensors
 
 
-def load_trained(model: Any, checkpoint: TrainedCheckpoint, frozen_from_checkpoint: bool) -> dict[str, int]:
-    """Load every trained tensor into ``model`` (see :func:`trained_by_model_key` for the checks).
+def count_tensors(model: Any, trained: dict[str, torch.Tensor], frozen_from_checkpoint: bool) -> dict[str, int]:
+    """How many trained tensors an export uses, and how many frozen ones it takes from the checkpoint."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    frozen = len(set(trained) - trainable) if frozen_from_checkpoint else 0
+    return {"trained_tensors": len(trainable), "frozen_tensors_from_checkpoint": frozen}
+
+
+def load_trained(model: Any, trained: dict[str, torch.Tensor], frozen_from_checkpoint: bool) -> None:
+    """Copy checked tensors (see :func:`trained_by_model_key`) into the PEFT model, in fp32.
 
     Args:
         model: the rebuilt PEFT model (see :func:`build_peft_model`).
-        checkpoint: the trained tensors.
+        trained: the trained tensors keyed like ``model.state_dict()``.
         frozen_from_checkpoint: also copy the checkpoint's frozen weights over the base's (for
             PiSSA-like inits, which rewrote them, and exports without a base directory).
             Otherwise the base directory's weights, in their original precision, are kept.
     """
-    tensors = trained_by_model_key(model, checkpoint)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     own = model.state_dict()
-    to_copy = set(tensors) if frozen_from_checkpoint else trainable
     with torch.no_grad():
-        for key in to_copy:
-            own[key].copy_(tensors[key].to(torch.float32))
-    return {"trained_tensors": len(trainable), "frozen_tensors_from_checkpoint": len(to_copy - trainable)}
+        for key in set(trained) if frozen_from_checkpoint else trainable:
+            own[key].copy_(trained[key].to(torch.float32))
 
 
 def _raise_on_gaps(missing: list[str], unexpected: list[str], source: str) -> None:

@@ -1,12 +1,13 @@
 """The one export path that the callback and the ``export`` command share.
 
 checkpoint -> trained tensors -> PEFT model on the base (fp32) -> adapter directory -> merge ->
-cast -> merged directory -> reload both and compare -> ``export.json`` -> publish by rename.
+cast -> merged directory (whole model in memory, or streamed tensor by tensor) -> reload both and compare -> ``export.json`` -> publish by rename.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,26 @@ from lightning_lora.export.hf import (
     publish_atomically,
     save_adapter,
     save_merged,
+    save_tokenizer,
     write_json,
 )
-from lightning_lora.export.merge import ExportError, build_peft_model, load_trained, merge, resolve_dtype, rewrites_base
+from lightning_lora.export.merge import (
+    ExportError,
+    build_peft_model,
+    count_tensors,
+    load_trained,
+    merge,
+    resolve_dtype,
+    rewrites_base,
+    trained_by_model_key,
+)
+from lightning_lora.export.stream import build_meta_peft_model, choose_merge_impl, stream_merge
 from lightning_lora.export.verify import verify_export
 from lightning_lora.tiny import resolve_model_path
 
 __all__ = ["export_checkpoint"]
 
+log = logging.getLogger("lightning_lora")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -64,6 +77,7 @@ def export_checkpoint(
     r: int | None = None,
     lora_alpha: float | None = None,
     merge_model: bool = True,
+    merge_impl: str = "auto",
     save_adapter_dir: bool = True,
     verify: bool = True,
     overwrite: bool = False,
@@ -89,6 +103,9 @@ def export_checkpoint(
         r: override the LoRA rank of the recorded config.
         lora_alpha: override the LoRA alpha of the recorded config.
         merge_model: write ``merged/``.
+        merge_impl: ``peft`` (PEFT's ``merge_and_unload`` on the whole model in memory),
+            ``streaming`` (one tensor at a time, for models larger than memory), or ``auto``:
+            streaming when the whole-model merge would not fit comfortably in available memory.
         save_adapter_dir: write ``adapter/``.
         verify: reload and compare merged with adapter outputs; a failure publishes nothing.
         overwrite: replace an existing ``output``.
@@ -124,31 +141,37 @@ def export_checkpoint(
     steps.update()
 
     steps.set_postfix_str("loading base + LoRA")
+    impl, why = choose_merge_impl(merge_impl, base_path)
+    log.info("merge implementation: %s (%s)", impl, why)
     try:
-        model = build_peft_model(base_path, config)
+        # The streaming merger needs only the model's structure: built on the meta device, it costs no memory.
+        model = build_peft_model(base_path, config) if impl == "peft" else build_meta_peft_model(base_path, config)
     except OSError as err:
         raise ExportError(f"--base-model={str(base_name)!r} could not be loaded: {err}") from err
     from_checkpoint = frozen_from_checkpoint or rewrites_base(config)
-    counts = load_trained(model, checkpoint, frozen_from_checkpoint=from_checkpoint)
+    trained = trained_by_model_key(model, checkpoint)
+    counts = count_tensors(model, trained, from_checkpoint)
     target = resolve_dtype(dtype, model.base_model.model.config)
     steps.update()
 
     with publish_atomically(output, overwrite=overwrite) as tmp:
         steps.set_postfix_str("saving adapter")
-        # The adapter is written before merging (merging rewrites the model in place). It is
-        # needed for verification even when it is not to be published.
+        # The adapter is needed for verification even when it is not to be published.
         adapter_dir = tmp / "adapter" if save_adapter_dir else tmp / ".verify-adapter"
         if save_adapter_dir or (merge_model and verify):
-            save_adapter(model, adapter_dir)
+            save_adapter(model, trained, adapter_dir)
         steps.update()
 
         steps.set_postfix_str("merging")
         merged_dir = tmp / "merged"
         if merge_model:
-            merged = merge(model, target)
-            save_merged(merged, merged_dir, max_shard_size, tokenizer or base_path)
-            del merged
-        del model
+            if impl == "peft":
+                load_trained(model, trained, frozen_from_checkpoint=from_checkpoint)
+                save_merged(merge(model, target), merged_dir, max_shard_size)
+            else:
+                counts.update(stream_merge(model, trained, Path(base_path), merged_dir, target, max_shard_size, from_checkpoint))
+            save_tokenizer(tokenizer or base_path, merged_dir)
+        del model, trained
         steps.update()
 
         steps.set_postfix_str("verifying")
@@ -173,6 +196,7 @@ def export_checkpoint(
             "base_model": str(base_name),
             "base_model_path": base_path,
             "lora_config": config,
+            "merge_impl": impl,
             "dtype": _DTYPE_NAMES[target],
             "max_shard_size": max_shard_size,
             "tensors": counts,

@@ -1,0 +1,318 @@
+"""The streaming merger: merge LoRA into a base model larger than memory, one tensor at a time.
+
+The base model's safetensors shards are memory-mapped and read one tensor at a time; the few
+tensors LoRA touches get their delta (computed in fp32, cast once); output shards of at most
+``max_shard_size`` are written one after another, with the index. Peak memory stays near one
+output shard plus the largest tensor plus the trained tensors, whatever the model size.
+
+The structure of the PEFT model (which modules are wrapped, Conv1D or Linear, tied embeddings,
+the live LoRA config) comes from the model built on the meta device, which costs no memory.
+The arithmetic mirrors PEFT's ``merge``, so both implementations give the same tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lightning_lora.export.merge import ExportError
+
+__all__ = ["MERGE_IMPLS", "MergePlan", "build_meta_peft_model", "choose_merge_impl", "parse_size", "stream_merge"]
+
+_ROOT = "base_model.model."
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"`` -> 5 * 10**9 bytes, as ``save_pretrained`` reads ``max_shard_size``."""
+    if isinstance(size, int):
+        return size
+    match = _SIZE.match(size)
+    if not match:
+        raise ExportError(f"--max-shard-size={size!r} is not a size like '5GB' or '500MB'")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+def base_shards(base_dir: Path) -> dict[str, Path]:
+    """The base model's tensors by checkpoint key -> the safetensors file holding them."""
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: base_dir / file for key, file in weight_map.items()}
+    single = base_dir / "model.safetensors"
+    if single.is_file():
+        with safe_open(single, "pt") as f:
+            return {key: single for key in f.keys()}
+    return {}
+
+
+MERGE_IMPLS = ("auto", "peft", "streaming")
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to a new allocation now (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_merge_impl(requested: str, base_dir: str | Path) -> tuple[str, str]:
+    """The merge implementation to use, and why.
+
+    ``auto`` streams when the whole-model merge (the base upcast to fp32, plus the cast copy)
+    would take more than half of the memory available now, and the base is in safetensors.
+    """
+    if requested not in MERGE_IMPLS:
+        raise ExportError(f"--merge-impl={requested!r} is not one of {list(MERGE_IMPLS)}")
+    files = base_shards(Path(base_dir))
+    if requested == "streaming" and not files:
+        raise ExportError(f"--merge-impl=streaming needs safetensors weights in --base-model={str(base_dir)!r}")
+    if requested != "auto":
+        return requested, "requested"
+    if not files:
+        return "peft", "the base model has no safetensors files to stream"
+    params = 0
+    for file in set(files.values()):
+        with safe_open(file, "pt") as f:
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    needed, available = params * 4 * 2, _available_memory()
+    verdict = "streaming" if needed > available // 2 else "peft"
+    return verdict, f"a whole-model merge needs about {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
+
+
+def build_meta_peft_model(base_dir: str | Path, lora_config: dict[str, Any]) -> Any:
+    """The PEFT model of ``lora_config`` on the base's architecture, on the meta device (no memory)."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lightning_lora.export.checkpoint import lora_config_from_dict
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    peft_config = lora_config_from_dict({**lora_config, "base_model_name_or_path": str(base_dir)})
+    peft_config.init_lora_weights = True  # PiSSA-like inits would run an SVD; the values are overwritten anyway
+    return get_peft_model(base, peft_config, autocast_adapter_dtype=False)
+
+
+@dataclass
+class _Update:
+    """What happens to one base tensor: replaced outright, or merged with a LoRA delta."""
+
+    replacement: torch.Tensor | None = None
+    lora: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None  # A, B, scale, fan_in_fan_out
+    magnitude: torch.Tensor | None = None  # DoRA
+    base_override: torch.Tensor | None = None  # the checkpoint's frozen weight, merged instead of the base's
+
+
+@dataclass
+class MergePlan:
+    """Every output tensor and where its value comes from."""
+
+    sources: dict[str, str]  # output key -> base checkpoint key holding its starting value
+    updates: dict[str, _Update]  # output key -> what changes it
+    untie: bool  # write the output embeddings and set tie_word_embeddings=False
+
+
+def _lora_scale(config: Any, module: str, rank: int) -> float:
+    alpha = config.lora_alpha
+    for pattern, value in (config.alpha_pattern or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+
+
+def plan_merge(model: Any, trained: dict[str, torch.Tensor], base_keys: set[str], frozen_from_checkpoint: bool) -> MergePlan:
+    """Decide, for every tensor the merged model saves, its source and its update."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    config = model.peft_config["default"]
+    hf_model = model.base_model.model
+    prefix = f"{hf_model.base_model_prefix}."
+    updates: dict[str, _Update] = {}
+    sources: dict[str, str] = {}
+
+    def hf_name(peft_name: str) -> str:
+        """The name the unwrapped model gives a tensor of the PEFT model."""
+        return peft_name.removeprefix(_ROOT).replace(".base_layer.", ".").replace(".original_module.", ".")
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            a = trained[f"{name}.lora_A.default.weight"].float()
+            b = trained[f"{name}.lora_B.default.weight"].float()
+            update = _Update(lora=(a, b, _lora_scale(config, name.removeprefix(_ROOT), a.shape[0]), module.fan_in_fan_out))
+            magnitude = trained.get(f"{name}.lora_magnitude_vector.default.weight")
+            if magnitude is not None:
+                update.magnitude = magnitude.float()
+            updates[f"{hf_name(name)}.weight"] = update
+        elif isinstance(module, ModulesToSaveWrapper):
+            for param in dict(module.original_module.named_parameters()):
+                updates[f"{hf_name(name)}.{param}"] = _Update(replacement=trained[f"{name}.modules_to_save.default.{param}"])
+    for key, value in trained.items():  # trained biases (bias="all"/"lora_only"), frozen weights from the checkpoint
+        if ".lora_" in key or ".modules_to_save." in key:
+            continue
+        out = hf_name(key)
+        trainable = model.get_parameter(key).requires_grad
+        if out in updates and not trainable and frozen_from_checkpoint:
+            updates[out].base_override = value  # e.g. the PiSSA-rewritten base of a LoRA module
+        elif trainable or frozen_from_checkpoint:
+            updates[out] = _Update(replacement=value)
+
+    # The tensors save_pretrained would write: the unwrapped model's state dict less tied duplicates.
+    wanted = [hf_name(k) for k in model.state_dict() if ".lora_" not in k and ".modules_to_save." not in k]
+    tied = bool(getattr(hf_model.config, "tie_word_embeddings", False)) and hf_model.get_output_embeddings() is not None
+    names = {id(m): n for n, m in hf_model.named_modules()}
+    output_key = input_key = None
+    if tied:
+        output_key = f"{names[id(hf_model.get_output_embeddings())]}.weight"
+        input_key = f"{names[id(hf_model.get_input_embeddings())]}.weight"
+    untie = tied and (output_key in updates or input_key in updates)
+    for key in wanted:
+        if tied and key == output_key and not untie:
+            continue  # written once, as the input embeddings
+        source = key if key in base_keys else key.removeprefix(prefix) if key.removeprefix(prefix) in base_keys else None
+        if source is None and tied and key == output_key:
+            source = input_key if input_key in base_keys else input_key.removeprefix(prefix)
+        if source is None or source not in base_keys:
+            if key in updates and updates[key].replacement is not None:
+                sources[key] = ""  # wholly replaced: needs no base value
+                continue
+            raise ExportError(f"the base model's files hold no tensor for {key!r}; use --merge-impl peft")
+        sources[key] = source
+    return MergePlan(sources=sources, updates=updates, untie=untie)
+
+
+def _merged_value(base: torch.Tensor | None, update: _Update | None, dtype: torch.dtype) -> torch.Tensor:
+    """One output tensor: PEFT's merge arithmetic in fp32, then one cast."""
+    if update is None:
+        return base.to(dtype)
+    if update.replacement is not None:
+        return update.replacement.to(dtype)
+    a, b, scale, fan_in_fan_out = update.lora
+    weight = (update.base_override if update.base_override is not None else base).float()
+    delta = (b @ a) * scale
+    if fan_in_fan_out:
+        delta = delta.T
+    if update.magnitude is None:
+        return (weight + delta).to(dtype)
+    # DoRA: rescale each output row of W + delta to the trained magnitude (PEFT's dora merge).
+    merged = weight + delta
+    norm = torch.linalg.norm(merged.T if fan_in_fan_out else merged, dim=1)
+    factor = (update.magnitude / norm).view(-1, 1)
+    return (factor.T * merged if fan_in_fan_out else factor * merged).to(dtype)
+
+
+def _shards(plan: MergePlan, base_files: dict[str, Path], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
+    """Group output keys into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in plan.sources:
+        numel = _numel(plan, key, base_files)
+        nbytes = numel * element
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def _numel(plan: MergePlan, key: str, base_files: dict[str, Path]) -> int:
+    source = plan.sources[key]
+    if not source:
+        return plan.updates[key].replacement.numel()
+    with safe_open(base_files[source], "pt") as f:
+        return math.prod(f.get_slice(source).get_shape())
+
+
+def stream_merge(
+    model: Any,
+    trained: dict[str, torch.Tensor],
+    base_dir: Path,
+    output_dir: Path,
+    dtype: torch.dtype,
+    max_shard_size: str | int,
+    frozen_from_checkpoint: bool = False,
+) -> dict[str, int]:
+    """Write the merged model's weights, config and index into ``output_dir``.
+
+    Args:
+        model: the PEFT model on the meta device (see :func:`build_meta_peft_model`).
+        trained: trained tensors keyed like ``model.state_dict()`` (already checked).
+        base_dir: the base model directory (safetensors).
+        output_dir: the merged model directory to fill.
+        dtype: dtype of the merged weights.
+        max_shard_size: largest output shard.
+        frozen_from_checkpoint: frozen tensors in ``trained`` replace the base's.
+
+    Returns:
+        Counts: merged modules, replaced tensors, output shards.
+    """
+    base_files = base_shards(base_dir)
+    if not base_files:
+        raise ExportError(f"--base-model={str(base_dir)!r} has no safetensors weights; use --merge-impl peft")
+    plan = plan_merge(model, trained, set(base_files), frozen_from_checkpoint)
+    shards = _shards(plan, base_files, dtype, parse_size(max_shard_size))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for number, keys in enumerate(shards, start=1):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        with ExitStack() as stack:
+            # Memory-mapped base files; each base tensor is read, merged and dropped in turn, so
+            # only this output shard accumulates.
+            handles: dict[Path, Any] = {}
+            for key in keys:
+                source = plan.sources[key]
+                base = None
+                if source:
+                    file = base_files[source]
+                    if file not in handles:
+                        handles[file] = stack.enter_context(safe_open(file, "pt"))
+                    base = handles[file].get_tensor(source)
+                tensors[key] = _merged_value(base, plan.updates.get(key), dtype).contiguous()
+                total += tensors[key].numel() * tensors[key].element_size()
+                weight_map[key] = name
+                del base
+        save_file(tensors, output_dir / name, metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_config(model, base_dir, output_dir, dtype, plan.untie)
+    merged_modules = sum(1 for u in plan.updates.values() if u.lora is not None)
+    return {"merged_modules": merged_modules, "replaced_tensors": len(plan.updates) - merged_modules, "shards": len(shards)}
+
+
+def _write_config(model: Any, base_dir: Path, output_dir: Path, dtype: torch.dtype, untie: bool) -> None:
+    """config.json (dtype, untied head) and the base's generation_config.json, as save_pretrained writes them."""
+    from transformers import GenerationConfig
+
+    config = model.base_model.model.config
+    config.dtype = dtype
+    if untie:
+        config.tie_word_embeddings = False
+    config.save_pretrained(output_dir)
+    if (base_dir / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(base_dir).save_pretrained(output_dir)
