@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,27 @@ def read_model_states(tag_dir: Path) -> dict[str, Any]:
     return _load(files[0])
 
 
+@contextmanager
+def _memory_mapped_loads() -> Iterator[None]:
+    """Make ``torch.load`` memory-map files while DeepSpeed consolidates a checkpoint.
+
+    ``zero_to_fp32`` reads every rank's model-states file whole, and under ZeRO-3 those hold the
+    frozen weights' fragments: without a memory map the whole model lands in RAM even when only
+    the LoRA tensors are wanted. Memory-mapped, only the tensors it touches are paged in.
+    """
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("mmap", True)
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def read_zero_checkpoint(tag_dir: Path, include_frozen: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Consolidate a ZeRO tag directory into full tensors.
 
@@ -117,10 +140,12 @@ def read_zero_checkpoint(tag_dir: Path, include_frozen: bool) -> tuple[dict[str,
     if "exclude_frozen_parameters" in parameters:
         kwargs["exclude_frozen_parameters"] = not include_frozen
     try:
-        tensors = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), **kwargs)
+        with _memory_mapped_loads():
+            tensors = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), **kwargs)
     except (FileNotFoundError, ValueError, RuntimeError, EOFError) as err:
         raise ZeroCheckpointError(f"DeepSpeed could not consolidate {str(tag_dir)!r}: {err}") from err
-    tensors = {key: value.contiguous() for key, value in tensors.items()}
+    # Owned copies: the values may be views into memory-mapped checkpoint files.
+    tensors = {key: value.contiguous().clone() for key, value in tensors.items()}
     if include_frozen:
         # ZeRO stage 1 returns no frozen weights; the rank-0 module state holds them whole.
         for key, value in states.get("module", {}).items():
