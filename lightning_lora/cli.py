@@ -15,7 +15,7 @@ from typing_extensions import override
 from lightning_lora.data import InstructionDataModule
 from lightning_lora.module import LoraFinetuneModule
 
-__all__ = ["LightningLoraCLI", "export_main", "main"]
+__all__ = ["LightningLoraCLI", "export_main", "main", "verify_main"]
 
 
 class LightningLoraCLI(LightningCLI):
@@ -32,12 +32,14 @@ class LightningLoraCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lightning-lora`` and ``python -m lightning_lora``.
 
-    ``export`` is our own subcommand; everything else (``fit``, ``validate``, ``test``,
+    ``export`` and ``verify`` are our own subcommands; everything else (``fit``, ``validate``, ``test``,
     ``predict``) is LightningCLI's.
     """
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["export"]:
         sys.exit(export_main(args[1:]))
+    if args[:1] == ["verify"]:
+        sys.exit(verify_main(args[1:]))
     LightningLoraCLI(
         LoraFinetuneModule,
         InstructionDataModule,
@@ -112,6 +114,8 @@ def export_main(argv: list[str]) -> int:
 
 
 def _summary(output: Path, manifest: dict) -> str:
+    if manifest.get("unchanged"):
+        return f"{output} already holds the export of these inputs: nothing to do"
     files = manifest["files"]
     size = sum(f["size"] for f in files.values()) / 2**20
     line = f"exported {len(files)} files ({size:.1f} MiB, {manifest['dtype']}) to {output} in {manifest['seconds']:.1f}s"
@@ -124,3 +128,34 @@ def _summary(output: Path, manifest: dict) -> str:
     else:
         line += f"; not verified ({verification['skipped']})"
     return line
+
+
+def verify_main(argv: list[str]) -> int:
+    """``lightning-lora verify DIR [--base-model BASE]``: re-check an export; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-lora verify",
+        description="Re-check an export against its export.json: file hashes and sizes, tensor shapes, "
+        "and with --base-model the merged-vs-adapter logits.",
+    )
+    parser.add_argument("dir", help="an export directory (holding export.json)")
+    parser.add_argument("--base-model", help="base model directory: also compare merged and adapter logits")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    args = parser.parse_args(argv)
+    try:
+        from lightning_lora.export.verify import verify_directory
+
+        report = verify_directory(Path(args.dir), args.base_model)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lightning-lora verify: error: {err}", file=sys.stderr)
+        return 1
+    if report["problems"]:
+        for problem in report["problems"]:
+            print(f"lightning-lora verify: {args.dir}: {problem}", file=sys.stderr)
+        return 1
+    line = f"{args.dir}: {report['files_checked']} files match export.json"
+    if "logits" in report:
+        line += f"; merged vs adapter max |logit diff| {report['logits']['max_abs_logit_diff']:.2e}"
+    print(line)
+    return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,10 +24,14 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger("lightning_lora")
+
 __all__ = [
     "file_manifest",
+    "keep_failed",
     "package_versions",
     "publish_atomically",
+    "recover_interrupted",
     "save_adapter",
     "save_merged",
     "save_tokenizer",
@@ -40,16 +45,20 @@ def publish_atomically(output: Path, overwrite: bool = False) -> Iterator[Path]:
 
     On any exception the temporary directory is removed and ``output`` is untouched. An existing
     ``output`` is replaced only with ``overwrite=True``, and only once the new one is complete.
+    A process killed at any moment leaves either nothing or the previous export under ``output``
+    (see :func:`recover_interrupted`, which the next run calls).
     """
     output = output.resolve()
+    recover_interrupted(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"--output={str(output)!r} exists already; pass --overwrite to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
         yield tmp
         if output.exists():
-            # Move the old export aside first so that a crash between the two renames leaves it intact.
+            # Move the old export aside first: a crash between the two renames leaves it whole,
+            # and recover_interrupted puts it back.
             old = output.with_name(f".{output.name}.old-{os.getpid()}")
             output.rename(old)
             tmp.rename(output)
@@ -59,6 +68,55 @@ def publish_atomically(output: Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_interrupted(output: Path) -> list[str]:
+    """Clean up after an export that was killed: returns what was done, one line each.
+
+    - a temporary ``.NAME.tmp-PID-*`` of a process that no longer runs is removed;
+    - a previous export moved aside as ``.NAME.old-PID`` goes back under ``NAME`` if the new one
+      never arrived, and is removed if it did.
+    """
+    done = []
+    if not output.parent.is_dir():
+        return done
+    for path in sorted(output.parent.glob(f".{output.name}.old-*")):
+        if output.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}, left by an interrupted replace that had finished")
+        else:
+            path.rename(output)
+            done.append(f"restored the previous export from {path.name} (a replace was interrupted)")
+    for path in sorted(output.parent.glob(f".{output.name}.tmp-*")):
+        pid = path.name.removeprefix(f".{output.name}.tmp-").split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue  # another export into the same place is running now
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed {path.name}, left by an interrupted export")
+    for line in done:
+        log.warning("%s: %s", output, line)
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers are from an earlier, finished attempt
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def keep_failed(tmp: Path, output: Path) -> Path:
+    """Move a finished but failed export aside as ``NAME.failed`` (replacing an older one)."""
+    failed = output.with_name(f"{output.name}.failed")
+    if failed.exists():
+        shutil.rmtree(failed)
+    tmp.rename(failed)
+    return failed
 
 
 def save_adapter(model: Any, trained: dict[str, torch.Tensor], directory: Path) -> None:

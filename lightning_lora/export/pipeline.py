@@ -6,8 +6,10 @@ cast -> merged directory (whole model in memory, or streamed tensor by tensor) -
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,10 @@ from tqdm.auto import tqdm
 from lightning_lora.export.checkpoint import TrainedCheckpoint, load_checkpoint
 from lightning_lora.export.hf import (
     file_manifest,
+    keep_failed,
     package_versions,
     publish_atomically,
+    recover_interrupted,
     save_adapter,
     save_merged,
     save_tokenizer,
@@ -63,6 +67,42 @@ def _check_output(output: Path, checkpoint: Path, base_model: str) -> None:
     base = Path(base_model)
     if base.exists() and (output == base.resolve() or base.resolve() in output.parents):
         raise ExportError(f"--output={str(output)!r} lies inside --base-model={base_model!r}; choose another directory")
+
+
+def _files_signature(path: Path) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime) of every file under ``path``: cheap, and changes with the content."""
+    if path.is_file():
+        stat = path.stat()
+        return [(path.name, stat.st_size, stat.st_mtime_ns)]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    return [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def inputs_fingerprint(checkpoint: TrainedCheckpoint, base_path: str, options: dict[str, Any]) -> str:
+    """A digest of everything an export depends on: checkpoint, base model files, and settings.
+
+    Files are identified by name, size and modification time; an in-memory checkpoint (the
+    callback on one device or DDP) by the bytes of its tensors, which are only the adapter's.
+    """
+    digest = hashlib.sha256()
+    if checkpoint.kind == "memory":
+        for key in sorted(checkpoint.tensors):
+            digest.update(key.encode())
+            digest.update(checkpoint.tensors[key].float().numpy().tobytes())
+    else:
+        digest.update(json.dumps(_files_signature(Path(checkpoint.source))).encode())
+    digest.update(json.dumps(_files_signature(Path(base_path))).encode())
+    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _previous_export(output: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The manifest of a finished export of the same inputs under ``output``, if there is one."""
+    try:
+        manifest = json.loads((output / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("inputs_fingerprint") == fingerprint else None
 
 
 def export_checkpoint(
@@ -136,6 +176,15 @@ def export_checkpoint(
         raise ExportError(f"{checkpoint.source!r} does not record its base model; pass --base-model")
     base_path = resolve_model_path(str(base_name))
     _check_output(output, Path(checkpoint.source), base_path)
+    options = dict(lora_config=config, dtype=dtype, max_shard_size=max_shard_size, merge=merge_model,
+                   adapter=save_adapter_dir, tokenizer=str(tokenizer), frozen_from_checkpoint=frozen_from_checkpoint)
+    fingerprint = inputs_fingerprint(checkpoint, base_path, options)
+    recover_interrupted(output.resolve())
+    previous = _previous_export(output, fingerprint)
+    if previous is not None:
+        log.info("%s holds an export of these same inputs already: nothing to do", output)
+        steps.close()
+        return {**previous, "unchanged": True}
     if output.exists() and not overwrite:
         raise FileExistsError(f"--output={str(output)!r} exists already; pass --overwrite to replace it")
     steps.update()
@@ -179,18 +228,12 @@ def export_checkpoint(
         if merge_model and verify:
             verification = verify_export(merged_dir, adapter_dir, base_path, target, probes)
         if not save_adapter_dir and adapter_dir.exists():
-            import shutil
-
             shutil.rmtree(adapter_dir)
         steps.update()
         steps.close()
-        if verification.get("passed") is False:
-            raise ExportError(
-                f"verification failed: merged and adapter logits differ by {verification['max_abs_logit_diff']:.3g} "
-                f"(tolerance {verification['tolerance']:.3g} for {_DTYPE_NAMES[target]}); nothing was published"
-            )
         manifest = {
             "format": 1,
+            "inputs_fingerprint": fingerprint,
             "source": {"checkpoint": checkpoint.source, "kind": checkpoint.kind, "tag": checkpoint.tag},
             "global_step": checkpoint.global_step,
             "base_model": str(base_name),
@@ -206,4 +249,11 @@ def export_checkpoint(
             "seconds": round(time.perf_counter() - started, 3),
         }
         write_json(tmp / "export.json", manifest)
+        if verification.get("passed") is False:
+            failed = keep_failed(tmp, output.resolve())
+            raise ExportError(
+                f"verification failed: merged and adapter logits differ by {verification['max_abs_logit_diff']:.3g} "
+                f"(tolerance {verification['tolerance']:.3g} for {_DTYPE_NAMES[target]}); nothing was published, "
+                f"the export is kept aside in {str(failed)!r} with its report"
+            )
     return manifest

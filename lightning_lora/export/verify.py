@@ -7,12 +7,13 @@ comparison measures the export (merge and one cast to the target dtype), not inf
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["TOLERANCE", "default_probes", "verify_export"]
+__all__ = ["TOLERANCE", "default_probes", "verify_directory", "verify_export"]
 
 # Allowed max |merged - adapter| logit difference, relative to max(1, max |logit|), per export dtype.
 # bf16 keeps 8 significand bits: one rounding of every merged weight moves logits by about 1e-2
@@ -94,3 +95,62 @@ def verify_export(
         "token_agreement": agreement,
         "passed": diff <= tolerance,
     }
+
+
+def verify_directory(export_dir: Path, base_model: str | Path | None = None) -> dict[str, Any]:
+    """Re-check a finished export against its ``export.json``.
+
+    Checks that every recorded file is there with its size and sha256, that no unrecorded file
+    was added, and that the merged weights have the shapes the merged ``config.json`` implies.
+    With ``base_model``, also compares merged and adapter logits as after the export.
+
+    Returns:
+        A report; ``problems`` lists what failed (empty when the export is intact).
+    """
+    from lightning_lora.export.hf import file_manifest
+
+    manifest_path = export_dir / "export.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"DIR={str(export_dir)!r} holds no export.json: not an export directory")
+    manifest = json.loads(manifest_path.read_text())
+    recorded, actual = manifest["files"], file_manifest(export_dir)
+    actual.pop("export.json", None)
+    problems = [f"missing file {name}" for name in sorted(set(recorded) - set(actual))]
+    problems += [f"unrecorded file {name}" for name in sorted(set(actual) - set(recorded))]
+    for name in sorted(set(recorded) & set(actual)):
+        if recorded[name] != actual[name]:
+            problems.append(f"{name} differs from export.json (size {actual[name]['size']} vs {recorded[name]['size']}, sha256)")
+    merged_dir = export_dir / "merged"
+    if (merged_dir / "config.json").is_file() and not problems:
+        problems += _shape_problems(merged_dir)
+    report: dict[str, Any] = {"files_checked": len(recorded), "problems": problems}
+    if base_model is not None and not problems and (export_dir / "adapter").is_dir() and merged_dir.is_dir():
+        from lightning_lora.tiny import resolve_model_path
+
+        dtype = getattr(torch, manifest["dtype"])
+        report["logits"] = verify_export(merged_dir, export_dir / "adapter", resolve_model_path(str(base_model)), dtype)
+        if not report["logits"]["passed"]:
+            problems.append(
+                f"merged and adapter logits differ by {report['logits']['max_abs_logit_diff']:.3g} "
+                f"(tolerance {report['logits']['tolerance']:.3g})"
+            )
+    return report
+
+
+def _shape_problems(merged_dir: Path) -> list[str]:
+    """Tensors whose shape in the safetensors files is not what the merged config implies."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(merged_dir)).state_dict()
+    problems = []
+    for file in sorted(merged_dir.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                if key not in expected:
+                    problems.append(f"{file.name} holds {key!r}, which the merged config has no place for")
+                elif tuple(expected[key].shape) != shape:
+                    problems.append(f"{key!r} has shape {shape} in {file.name}, the config implies {tuple(expected[key].shape)}")
+    return problems
