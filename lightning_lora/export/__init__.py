@@ -4,7 +4,7 @@ from lightning_lora.export.checkpoint import TrainedCheckpoint, load_checkpoint
 from lightning_lora.export.keys import detect_prefix, normalize_keys
 from lightning_lora.export.merge import ExportError
 from lightning_lora.export.pipeline import export_checkpoint
-from lightning_lora.export.verify import verify_export
+from lightning_lora.export.verify import verify_directory, verify_export
 from lightning_lora.export.zero import ZeroCheckpointError
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "export_checkpoint",
     "load_checkpoint",
     "normalize_keys",
+    "verify_directory",
     "verify_export",
 ]

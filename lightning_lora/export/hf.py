@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+
+from lightning_lora.export.merge import ExportError
 
 log = logging.getLogger("lightning_lora")
 
@@ -55,7 +58,13 @@ def publish_atomically(output: Path, overwrite: bool = False) -> Iterator[Path]:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except (OSError, SafetensorError) as err:  # a full disk, a file size limit, a vanished directory...
+            raise ExportError(
+                f"writing the export for --output={str(output)!r} failed: {err}; nothing was published "
+                "and the temporary directory was removed"
+            ) from err
         if output.exists():
             # Move the old export aside first: a crash between the two renames leaves it whole,
             # and recover_interrupted puts it back.
