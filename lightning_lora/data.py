@@ -241,6 +241,11 @@ class InstructionDataModule(L.LightningDataModule):
         if not train_rows:
             raise ValueError(f"data.data_path={self.data_path!r} holds no training rows")
         self.train_examples = self.encode_rows(train_rows, "data_path")
+        if not self.train_examples:
+            raise ValueError(
+                f"no example of data.data_path={self.data_path!r} keeps a response token within "
+                f"data.max_length={self.max_length}: raise data.max_length or use a shorter data.template"
+            )
         self.val_examples = self.encode_rows(val_rows, "val_data_path" if self.val_data_path else "data_path")
 
     def encode_rows(self, rows: Sequence[tuple[int, Mapping[str, Any]]], source: str) -> list[Example]:

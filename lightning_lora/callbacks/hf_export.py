@@ -11,7 +11,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, TrainedCheckpoint, config_to_dict
@@ -47,6 +47,8 @@ class HFExport(L.Callback):
         verify: reload both and compare their logits and greedy generations; a failure publishes nothing.
         base_model: the base model directory; by default the one the PEFT config names.
         overwrite: replace an existing export in ``dirpath``.
+        export_on_exception: when fit fails, export the last checkpoint ``ModelCheckpoint`` wrote
+            (the last good state) instead of nothing.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class HFExport(L.Callback):
         verify: bool = True,
         base_model: str | None = None,
         overwrite: bool = False,
+        export_on_exception: bool = False,
     ) -> None:
         if dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"HFExport dtype={dtype!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
@@ -76,6 +79,7 @@ class HFExport(L.Callback):
         self.verify = verify
         self.base_model = base_model
         self.overwrite = overwrite
+        self.export_on_exception = export_on_exception
         self.result: dict[str, Any] | None = None
 
     @override
@@ -95,8 +99,35 @@ class HFExport(L.Callback):
             source = _from_memory(trainer, pl_module) if trainer.is_global_zero else Path()
         if not trainer.is_global_zero:
             return
+        self.result = self._export(source, _describe_peft_model(pl_module), _validation_probes(trainer))
+        verification = self.result["verification"]
+        summary = f"HFExport: wrote {self.dirpath}"
+        if "max_abs_logit_diff" in verification:
+            summary += (
+                f"; merged vs adapter max |logit diff| {verification['max_abs_logit_diff']:.2e} "
+                f"(tolerance {verification['tolerance']:.2e}), generated tokens agree {100 * verification['token_agreement']:.1f}%"
+            )
+        rank_zero_info(summary)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not self.export_on_exception or not trainer.is_global_zero:
+            return
+        callback = trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        if not last or not Path(last).exists():
+            rank_zero_warn(f"HFExport: fit failed ({exception!r}) and no checkpoint was written yet: nothing to export")
+            return
         described = _describe_peft_model(pl_module)
-        self.result = export_checkpoint(
+        try:
+            self.result = self._export(Path(last), described, probes=None)
+        except Exception as err:  # the training failure is what the user must see first
+            rank_zero_warn(f"HFExport: exporting the last checkpoint {last!r} after the failure failed too: {err}")
+            return
+        rank_zero_info(f"HFExport: fit failed; exported the last checkpoint {last} (step {self.result['global_step']}) to {self.dirpath}")
+
+    def _export(self, source: Path | TrainedCheckpoint, described: dict[str, Any], probes: list[list[int]] | None) -> dict[str, Any]:
+        return export_checkpoint(
             source,
             self.dirpath,
             base_model=self.base_model or described["base_model"],
@@ -109,17 +140,9 @@ class HFExport(L.Callback):
             save_adapter_dir=self.save_adapter,
             verify=self.verify,
             overwrite=self.overwrite,
-            probes=_validation_probes(trainer),
+            probes=probes,
             progress=False,
         )
-        verification = self.result["verification"]
-        summary = f"HFExport: wrote {self.dirpath}"
-        if "max_abs_logit_diff" in verification:
-            summary += (
-                f"; merged vs adapter max |logit diff| {verification['max_abs_logit_diff']:.2e} "
-                f"(tolerance {verification['tolerance']:.2e}), generated tokens agree {100 * verification['token_agreement']:.1f}%"
-            )
-        rank_zero_info(summary)
 
     def _save_zero_checkpoint(self, trainer: L.Trainer) -> Path:
         """Save (or reuse) the final ZeRO checkpoint on all ranks; fail on all ranks if rank 0 cannot see it whole."""
