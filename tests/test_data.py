@@ -630,6 +630,5 @@ def test_batch_tensors_are_long(tmp_path: Path, llama_base: Path) -> None:
 def test_max_length_that_leaves_no_example_fails_before_training(tmp_path: Path, llama_base: Path) -> None:
     # The Alpaca preamble alone is longer than 16 tokens: every row would be dropped.
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Reverse the word.", "input": "apple", "output": "elppa"}] * 4)
-    dm = make_dm(path, llama_base, max_length=16, template="alpaca", val_split=0.0)
     with pytest.raises(ValueError, match=r"data.max_length=16"):
-        dm.setup("fit")
+        make_dm(path, llama_base, max_length=16, template="alpaca")
