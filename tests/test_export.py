@@ -115,6 +115,10 @@ def test_export_matches_an_independent_merge(name: str, trained_runs, tmp_path: 
     assert set(merged) == set(reference) - ({"lm_head.weight"} if tied else set())
     worst = max((merged[k].double() - reference[k]).abs().max().item() for k in merged)
     assert worst <= 1e-5, f"{name}: merged weights differ from the reference by {worst}"
+    # Coverage: every LoRA pair trained was merged, and no adapter tensor survived into the files.
+    assert manifest["tensors"]["lora_modules"] == sum(".lora_A." in k for k in trained)
+    assert manifest["tensors"]["merged_tensors"] == len(merged)
+    assert not [k for k in merged if "lora_" in k or "base_layer" in k or "modules_to_save" in k]
     base_weights = _load_dir(base)
     changed = [k for k in merged if k not in base_weights or not torch.equal(merged[k], base_weights[k])]
     assert changed, "training changed nothing: the comparison would prove nothing"

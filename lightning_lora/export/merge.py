@@ -17,6 +17,7 @@ from lightning_lora.export.checkpoint import TrainedCheckpoint, lora_config_from
 __all__ = [
     "ExportError",
     "build_peft_model",
+    "check_merged_files",
     "count_tensors",
     "load_trained",
     "merge",
@@ -97,10 +98,28 @@ def trained_by_model_key(model: Any, checkpoint: TrainedCheckpoint) -> dict[str,
 
 
 def count_tensors(model: Any, trained: dict[str, torch.Tensor], frozen_from_checkpoint: bool) -> dict[str, int]:
-    """How many trained tensors an export uses, and how many frozen ones it takes from the checkpoint."""
+    """How many trained tensors an export uses, how many modules LoRA wraps, and how many frozen
+    tensors it takes from the checkpoint."""
+    from peft.tuners.lora import LoraLayer
+
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     frozen = len(set(trained) - trainable) if frozen_from_checkpoint else 0
-    return {"trained_tensors": len(trainable), "frozen_tensors_from_checkpoint": frozen}
+    lora_modules = sum(1 for m in model.modules() if isinstance(m, LoraLayer))
+    return {"trained_tensors": len(trainable), "lora_modules": lora_modules, "frozen_tensors_from_checkpoint": frozen}
+
+
+def check_merged_files(merged_dir: Path) -> int:
+    """Fail if any adapter tensor survived into the merged files; returns the number of tensors."""
+    from safetensors import safe_open
+
+    keys = []
+    for file in sorted(merged_dir.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            keys += list(f.keys())
+    leftovers = [k for k in keys if ".lora_" in k or ".base_layer." in k or ".modules_to_save." in k]
+    if leftovers:
+        raise ExportError(f"{len(leftovers)} adapter tensor(s) survived the merge, e.g. {leftovers[:3]}; nothing was published")
+    return len(keys)
 
 
 def load_trained(model: Any, trained: dict[str, torch.Tensor], frozen_from_checkpoint: bool) -> None:

@@ -32,6 +32,7 @@ from lightning_lora.export.hf import (
 from lightning_lora.export.merge import (
     ExportError,
     build_peft_model,
+    check_merged_files,
     count_tensors,
     load_trained,
     merge,
@@ -218,7 +219,13 @@ def export_checkpoint(
                 load_trained(model, trained, frozen_from_checkpoint=from_checkpoint)
                 save_merged(merge(model, target), merged_dir, max_shard_size)
             else:
-                counts.update(stream_merge(model, trained, Path(base_path), merged_dir, target, max_shard_size, from_checkpoint))
+                streamed = stream_merge(model, trained, Path(base_path), merged_dir, target, max_shard_size, from_checkpoint)
+                if streamed["merged_modules"] != counts["lora_modules"]:
+                    raise ExportError(
+                        f"the streaming merger merged {streamed['merged_modules']} modules but LoRA wraps "
+                        f"{counts['lora_modules']}; nothing was published (try --merge-impl peft)"
+                    )
+            counts["merged_tensors"] = check_merged_files(merged_dir)
             save_tokenizer(tokenizer or base_path, merged_dir)
         del model, trained
         steps.update()
