@@ -165,3 +165,14 @@ def test_verify_command_finds_tampering(trained_runs, tmp_path: Path, capsys: py
 
     assert verify_main([str(tmp_path / "nowhere")]) == 1
     assert "holds no export.json" in capsys.readouterr().err
+
+
+def test_not_enough_free_space_fails_before_writing(trained_runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run, base = trained_runs("single-fp32")
+    out = tmp_path / "out"
+    # The filesystem reports 1 KiB free: far less than the ~0.6 MiB this export writes.
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1024))
+    with pytest.raises(ExportError, match=r"--output=.*needs about 0\.[1-9]\d MiB but only 0\.00 MiB are free"):
+        export_checkpoint(run / "ckpt", out, base_model=base, progress=False)
+    assert not out.exists() and _siblings(out) == []

@@ -30,6 +30,7 @@ from lightning_lora.export.merge import ExportError
 log = logging.getLogger("lightning_lora")
 
 __all__ = [
+    "check_free_space",
     "file_manifest",
     "keep_failed",
     "package_versions",
@@ -117,6 +118,23 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def check_free_space(output: Path, needed: int) -> None:
+    """Fail early, with the numbers, when the filesystem of ``output`` cannot hold ``needed`` bytes."""
+    place = output.resolve()
+    while not place.exists():
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if free < needed:
+        raise ExportError(
+            f"--output={str(output)!r}: the export needs about {_human(needed)} but only "
+            f"{_human(free)} are free on that filesystem"
+        )
+
+
+def _human(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB"
 
 
 def keep_failed(tmp: Path, output: Path) -> Path:

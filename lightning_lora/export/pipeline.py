@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lightning_lora.export.checkpoint import TrainedCheckpoint, load_checkpoint
 from lightning_lora.export.hf import (
+    check_free_space,
     file_manifest,
     keep_failed,
     package_versions,
@@ -202,6 +203,12 @@ def export_checkpoint(
     trained = trained_by_model_key(model, checkpoint)
     counts = count_tensors(model, trained, from_checkpoint)
     target = resolve_dtype(dtype, model.base_model.model.config)
+    # Merged weights in the target dtype, the adapter, and (when an export is replaced) room for
+    # both the old and the new one until the rename.
+    element = torch.empty((), dtype=target).element_size()
+    base_params = sum(p.numel() for name, p in model.named_parameters() if not p.requires_grad)
+    adapter_bytes = sum(t.numel() * 4 for t in trained.values())
+    check_free_space(output, (base_params * element if merge_model else 0) + adapter_bytes)
     steps.update()
 
     with publish_atomically(output, overwrite=overwrite) as tmp:
