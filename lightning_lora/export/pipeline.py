@@ -203,12 +203,12 @@ def export_checkpoint(
     trained = trained_by_model_key(model, checkpoint)
     counts = count_tensors(model, trained, from_checkpoint)
     target = resolve_dtype(dtype, model.base_model.model.config)
-    # Merged weights in the target dtype, the adapter, and (when an export is replaced) room for
-    # both the old and the new one until the rename.
+    # The merged weights in the target dtype plus the adapter in fp32 (a replaced export keeps its
+    # place until the rename, so what is free now must hold the new one whole).
     element = torch.empty((), dtype=target).element_size()
-    base_params = sum(p.numel() for name, p in model.named_parameters() if not p.requires_grad)
-    adapter_bytes = sum(t.numel() * 4 for t in trained.values())
-    check_free_space(output, (base_params * element if merge_model else 0) + adapter_bytes)
+    frozen_params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    adapter_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    check_free_space(output, (frozen_params * element if merge_model else 0) + adapter_bytes)
     steps.update()
 
     with publish_atomically(output, overwrite=overwrite) as tmp:
