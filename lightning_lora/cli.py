@@ -82,7 +82,11 @@ def export_main(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per model load
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
+    if not args.debug:
+        import warnings
+
+        warnings.simplefilter("ignore", FutureWarning)  # third-party deprecations are not the user's concern
     try:
         from lightning_lora.export.pipeline import export_checkpoint
 
@@ -118,7 +122,10 @@ def _summary(output: Path, manifest: dict) -> str:
         return f"{output} already holds the export of these inputs: nothing to do"
     files = manifest["files"]
     size = sum(f["size"] for f in files.values()) / 2**20
-    line = f"exported {len(files)} files ({size:.1f} MiB, {manifest['dtype']}) to {output} in {manifest['seconds']:.1f}s"
+    line = (
+        f"exported {len(files)} files ({size:.1f} MiB, {manifest['dtype']}, {manifest['merge_impl']} merge) "
+        f"to {output} in {manifest['seconds']:.1f}s"
+    )
     verification = manifest["verification"]
     if "max_abs_logit_diff" in verification:
         line += (

@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, TrainedCheckpoint, config_to_dict
 from lightning_lora.export.keys import normalize_keys
 from lightning_lora.export.pipeline import export_checkpoint
-from lightning_lora.export.stream import MERGE_IMPLS
+from lightning_lora.export.stream import MERGE_IMPLS, parse_size
 from lightning_lora.export.zero import ZeroCheckpointError, check_rank_files, read_model_states, resolve_zero_tag
 
 __all__ = ["HFExport"]
@@ -72,6 +72,10 @@ class HFExport(L.Callback):
         self.merge = merge
         self.save_adapter = save_adapter
         self.dtype = dtype
+        try:
+            parse_size(max_shard_size)
+        except ValueError as err:
+            raise ValueError(f"HFExport max_shard_size={max_shard_size!r} is not a size like '5GB' or '500MB'") from err
         self.max_shard_size = max_shard_size
         if merge_impl not in MERGE_IMPLS:
             raise ValueError(f"HFExport merge_impl={merge_impl!r} is not one of {list(MERGE_IMPLS)}")

@@ -29,18 +29,32 @@ def _strip_legacy(key: str) -> str:
     return key
 
 
+def _peft_root(key: str) -> int:
+    """Where the PEFT model starts in ``key``: the last ``base_model.model.`` that begins a path
+    component (an attribute path may itself contain it; HF module names never do), or -1."""
+    end = len(key)
+    while (index := key.rfind(PEFT_ROOT, 0, end)) > 0 and key[index - 1] != ".":
+        end = index + len(PEFT_ROOT) - 1
+    return index
+
+
+def _found_prefixes(keys: Iterable[str]) -> dict[str, str]:
+    prefixes: dict[str, str] = {}
+    for key in keys:
+        key = _strip_legacy(key)
+        index = _peft_root(key)
+        if index >= 0:
+            prefixes.setdefault(key[:index], key)
+    return prefixes
+
+
 def detect_prefix(keys: Iterable[str]) -> str:
     """The LightningModule attribute path in front of ``base_model.model.`` (e.g. ``"model."``).
 
     Raises:
         ValueError: no key holds a PEFT model, or several attributes do (then ``--prefix`` decides).
     """
-    prefixes = {}
-    for key in keys:
-        key = _strip_legacy(key)
-        index = key.find(PEFT_ROOT)
-        if index >= 0:
-            prefixes.setdefault(key[:index], key)
+    prefixes = _found_prefixes(keys)
     if not prefixes:
         raise ValueError(
             f"no checkpoint key contains {PEFT_ROOT!r}: the checkpoint does not hold a PEFT model "
@@ -66,9 +80,15 @@ def normalize_keys(state: Mapping[str, T], prefix: str | None = None) -> dict[st
         prefix += "."
     normalized = {}
     for key, value in state.items():
-        key = _strip_legacy(key)
-        if key.startswith(prefix) and key[len(prefix):].startswith(PEFT_ROOT):
-            normalized[key[len(prefix):]] = value
+        # The key as it is first: an attribute may be called ``module`` like the legacy wrapper.
+        for candidate in dict.fromkeys((key, _strip_legacy(key))):
+            if candidate.startswith(prefix) and candidate[len(prefix):].startswith(PEFT_ROOT):
+                normalized[candidate[len(prefix):]] = value
+                break
     if not normalized:
-        raise ValueError(f"prefix={prefix!r} matches no checkpoint key followed by {PEFT_ROOT!r}")
+        found = ", ".join(repr(p) for p in sorted(_found_prefixes(state))) or "none"
+        raise ValueError(
+            f"--prefix={prefix!r} matches no checkpoint key followed by {PEFT_ROOT!r}; "
+            f"prefixes of PEFT models in the checkpoint: {found}"
+        )
     return normalized

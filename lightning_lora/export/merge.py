@@ -149,7 +149,7 @@ def _raise_on_gaps(missing: list[str], unexpected: list[str], source: str) -> No
     if unexpected:
         raise ExportError(
             f"{len(unexpected)} tensor(s) of {source!r} match no module of the rebuilt model, e.g. "
-            f"{unexpected[:3]}: --base-model or the LoRA config does not match the checkpoint"
+            f"{unexpected[:3]}: --base-model or the LoRA config (--lora-config, target modules) does not match the checkpoint"
         )
 
 

@@ -41,7 +41,7 @@ from lightning_lora.export.merge import (
     rewrites_base,
     trained_by_model_key,
 )
-from lightning_lora.export.stream import build_meta_peft_model, choose_merge_impl, stream_merge
+from lightning_lora.export.stream import build_meta_peft_model, choose_merge_impl, parse_size, stream_merge
 from lightning_lora.export.verify import verify_export
 from lightning_lora.tiny import resolve_model_path
 
@@ -162,6 +162,9 @@ def export_checkpoint(
     """
     started = time.perf_counter()
     output = Path(output)
+    parse_size(max_shard_size)  # fail before anything is loaded, naming --max-shard-size
+    if r is not None and r <= 0:
+        raise ExportError(f"--r={r} is not a positive integer")
     steps = tqdm(total=5, desc="export", disable=not progress, unit="step")
 
     steps.set_postfix_str("reading checkpoint")
@@ -254,6 +257,7 @@ def export_checkpoint(
             "base_model_path": base_path,
             "lora_config": config,
             "merge_impl": impl,
+            "merge_impl_reason": why,
             "dtype": _DTYPE_NAMES[target],
             "max_shard_size": max_shard_size,
             "tensors": counts,

@@ -39,7 +39,8 @@ def _is_tag_dir(path: Path) -> bool:
 
 def is_zero_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a ZeRO checkpoint directory (with ``latest``) or one of its tag directories."""
-    return path.is_dir() and ((path / "latest").is_file() or _is_tag_dir(path))
+    # A directory holding tag directories but no 'latest' is one too: resolve_zero_tag lists its tags.
+    return path.is_dir() and ((path / "latest").is_file() or _is_tag_dir(path) or bool(_tags(path)))
 
 
 def resolve_zero_tag(path: Path, tag: str | None = None) -> Path:
