@@ -388,3 +388,20 @@ def test_callback_rejects_bad_settings_at_construction(kwargs: dict, named: list
         HFExport(dirpath=str(tmp_path / "export"), **kwargs)
     assert all(text in str(raised.value) for text in named), str(raised.value)
     assert not (tmp_path / "export").exists()
+
+
+# --- coverage: every trained tensor accounted for ------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["peft", "streaming"])
+def test_checkpoint_missing_one_adapter_tensor_fails_naming_it(impl: str, capsys, single, tmp_path: Path) -> None:
+    checkpoint_path, base = single
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    removed = sorted(k for k in checkpoint["state_dict"] if ".lora_B." in k)[-1]
+    del checkpoint["state_dict"][removed]
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save(checkpoint, damaged)
+    message = _error(capsys, _args(damaged, tmp_path / "out", base, "--merge-impl", impl))
+    # Named as the PEFT model calls it: the checkpoint key less the LightningModule attribute.
+    assert removed.removeprefix("model.") in message and "1 trained tensor(s)" in message
+    _assert_nothing_written(tmp_path / "out")
