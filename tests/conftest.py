@@ -39,7 +39,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 SCRIPT = REPO / "tests" / "scripts" / "train_run.py"
 
-# name -> (architecture, train_run.py arguments)
+# name -> (architecture, train_run.py arguments). ``--record`` runs are also resumed by test_deepspeed_fit.py.
 RUNS: dict[str, tuple[str, list[str]]] = {
     "single-fp32": ("llama", ["--strategy", "single"]),
     "single-bf16": ("llama", ["--strategy", "single", "--precision", "bf16-mixed"]),
@@ -47,12 +47,12 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "ddp-bf16": ("llama", ["--strategy", "ddp", "--devices", "2", "--precision", "bf16-mixed"]),
     "zero1-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "1", "--devices", "2"]),
     "zero1-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "1", "--devices", "2", "--precision", "bf16-mixed"]),
-    "zero2-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2"]),
+    "zero2-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--record"]),
     "zero2-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--precision", "bf16-mixed"]),
-    "zero3-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2"]),
+    "zero3-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--record"]),
     "zero3-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--precision", "bf16-mixed", "--export"]),
     "zero3-3proc": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "3"]),
-    "zero3-exclude-frozen": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--precision", "bf16-mixed", "--exclude-frozen"]),
+    "zero3-exclude-frozen": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--precision", "bf16-mixed", "--exclude-frozen", "--record"]),
     "gpt2-conv1d": ("gpt2", ["--targets", "c_attn,c_proj"]),
     "bloom-qkv": ("bloom", ["--targets", "query_key_value"]),
     "qwen2-tied": ("qwen2", ["--targets", "q_proj,v_proj"]),
@@ -65,6 +65,16 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def run_train_script(name: str, base: Path, out: Path, args: list[str]) -> None:
+    """Run ``train_run.py`` in a subprocess (Lightning re-launches it for each extra rank)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--base", str(base), "--out", str(out), *args],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, f"training run {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bases: dict[str, Path]):
     """Train each run on first use (one subprocess each) and return ``(run_dir, base_dir)``."""
@@ -74,12 +84,7 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bases: dict[str,
         if name not in done:
             arch, args = RUNS[name]
             out = tmp_path_factory.mktemp(name)
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-            result = subprocess.run(
-                [sys.executable, str(SCRIPT), "--base", str(tiny_bases[arch]), "--out", str(out), *args],
-                capture_output=True, text=True, timeout=600, env=env,
-            )
-            assert result.returncode == 0, f"training run {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+            run_train_script(name, tiny_bases[arch], out, args)
             done[name] = (out, tiny_bases[arch])
         return done[name]
 

@@ -24,7 +24,7 @@ Other things a test needs (see ``cpu_deepspeed_env``):
 - DeepSpeed's first start JIT-compiles ``deepspeed_shm_comm`` (~30 s); ``build_shm_comm = False`` skips it.
 - Lightning launches ranks > 0 by re-running ``sys.argv`` (subprocess script launcher), so the entry
   point must be a runnable script, not an interactive/pytest-collected function. In pytest, run the
-  training in a ``subprocess`` of a script like ``tests/scripts/ds_fit_probe.py``.
+  training in a ``subprocess`` of a script like ``tests/scripts/train_run.py``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,15 @@ script; tests call it with ``subprocess``. It writes, under ``--out``:
   like the PEFT model (``base_model.model....lora_A.default.weight``). Under DeepSpeed these are
   the fp32 master weights gathered with ``deepspeed.utils.safe_get_full_fp32_param``: the
   independent truth the export is compared with;
-- ``export/`` when ``--export`` adds the ``HFExport`` callback.
+- ``export/`` when ``--export`` adds the ``HFExport`` callback;
+- with ``--record`` (rank 0): ``start.pt``, what the engine holds when training starts (after a
+  resume has restored its checkpoint): ``global_step``, ``trainable`` (as ``trained.pt``, the fp32
+  master weights) and ``params`` (every parameter as the model computes with it, gathered under
+  ZeRO-3, in its working dtype); and ``finished.json`` (``global_step`` and ``strict_loading`` after
+  fit).
+
+``--resume-from CKPT`` passes ``ckpt_path=CKPT`` to ``trainer.fit`` (a new Trainer resuming an earlier
+run); ``--steps`` is then the total step count, the earlier run's steps included.
 
 Example::
 
@@ -77,7 +85,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--user-module", action="store_true", help="train UserModule (self.net) instead of ours")
     parser.add_argument("--export", action="store_true", help="add HFExport(dirpath=OUT/export)")
     parser.add_argument("--export-dtype", default="auto")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="max_steps (the total, when resuming)")
+    parser.add_argument("--resume-from", default=None, help="checkpoint to resume (ckpt_path of trainer.fit)")
+    parser.add_argument("--record", action="store_true", help="write start.pt and finished.json (see above)")
     return parser.parse_args()
 
 
@@ -106,23 +116,63 @@ def main() -> None:
         strategy = "ddp"
     else:
         strategy = "auto"
-    callbacks = [HFExport(dirpath=str(out / "export"), dtype=args.export_dtype)] if args.export else []
+    callbacks: list[L.Callback] = [HFExport(dirpath=str(out / "export"), dtype=args.export_dtype)] if args.export else []
+    if args.record:
+        callbacks.append(RecordStart(out / "start.pt"))
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, strategy=strategy, precision=args.precision,
         max_steps=args.steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, default_root_dir=str(out),
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=args.resume_from)
     trainer.save_checkpoint(out / "ckpt")
     trained = _gather_trained(trainer, module)
     if trainer.is_global_zero:
         torch.save(trained, out / "trained.pt")
+        if args.record:
+            finished = {"global_step": trainer.global_step, "strict_loading": module.strict_loading}
+            (out / "finished.json").write_text(json.dumps(finished))
+
+
+class RecordStart(L.Callback):
+    """Save what the engine holds when training starts: after DeepSpeed set up, after any resume."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = {
+            "global_step": trainer.global_step,
+            "trainable": _gather_trained(trainer, pl_module),
+            "params": _gather_params(trainer, pl_module),
+        }
+        if trainer.is_global_zero:
+            torch.save(start, self.path)
+
+
+def _attribute(module: L.LightningModule) -> str:
+    return "net." if isinstance(module, UserModule) else "model."
+
+
+def _gather_params(trainer: L.Trainer, module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """Every parameter, full, in the dtype the model computes with. Runs on all ranks."""
+    params = {}
+    for name, param in module.named_parameters():
+        if hasattr(param, "ds_id"):  # ZeRO-3 partition: gather it (a collective)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                value = param.detach().cpu().clone()
+        else:
+            value = param.detach().cpu().clone()
+        params[name.removeprefix(_attribute(module))] = value
+    return params
 
 
 def _gather_trained(trainer: L.Trainer, module: L.LightningModule) -> dict[str, torch.Tensor]:
     """Every trainable tensor, full and fp32, named as in the PEFT model. Runs on all ranks."""
-    attribute = "net." if isinstance(module, UserModule) else "model."
+    attribute = _attribute(module)
     trained = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
