@@ -4,6 +4,10 @@ checkpoint after a failure."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +17,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lora import InstructionDataModule, LoraFinetuneModule
 from lightning_lora.callbacks import HFExport
-from lightning_lora.tiny import quickstart_rows
+from lightning_lora.tiny import build_tiny_base, quickstart_rows
+
+from conftest import SCRIPT
 
 
 class FailsAtStep(LoraFinetuneModule):
@@ -74,3 +80,21 @@ def test_export_on_exception_uses_the_last_good_checkpoint(llama_base: Path, tmp
 def test_bad_settings_fail_at_construction(kwargs: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=message):
         HFExport(dirpath=str(tmp_path), **kwargs)
+
+
+def test_failing_export_on_rank_zero_fails_the_deepspeed_job_without_hanging(
+    tiny_bases: dict[str, Path], tmp_path: Path
+) -> None:
+    """Rank 0 exports alone after the other rank is released; when the export fails (here: a base
+    model of other shapes), the job must end with an error, not wait in a collective."""
+    narrow = build_tiny_base(tmp_path / "narrow", arch="llama", hidden_size=32)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--base", str(tiny_bases["llama"]), "--out", str(tmp_path / "run"),
+         "--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--export", "--export-base-model", str(narrow)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0
+    assert "has shape" in result.stderr and "--base-model" in result.stderr
+    assert time.monotonic() - started < 240  # far from the 30-minute collective timeout
+    assert not (tmp_path / "run" / "export").exists()

@@ -85,6 +85,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--user-module", action="store_true", help="train UserModule (self.net) instead of ours")
     parser.add_argument("--export", action="store_true", help="add HFExport(dirpath=OUT/export)")
     parser.add_argument("--export-dtype", default="auto")
+    parser.add_argument("--export-base-model", default=None, help="HFExport(base_model=...), e.g. a wrong one")
     parser.add_argument("--steps", type=int, default=4, help="max_steps (the total, when resuming)")
     parser.add_argument("--resume-from", default=None, help="checkpoint to resume (ckpt_path of trainer.fit)")
     parser.add_argument("--record", action="store_true", help="write start.pt and finished.json (see above)")
@@ -116,7 +117,8 @@ def main() -> None:
         strategy = "ddp"
     else:
         strategy = "auto"
-    callbacks: list[L.Callback] = [HFExport(dirpath=str(out / "export"), dtype=args.export_dtype)] if args.export else []
+    export = HFExport(dirpath=str(out / "export"), dtype=args.export_dtype, base_model=args.export_base_model)
+    callbacks: list[L.Callback] = [export] if args.export else []
     if args.record:
         callbacks.append(RecordStart(out / "start.pt"))
     trainer = L.Trainer(
