@@ -172,10 +172,11 @@ def test_zero1_frozen_weights_from_the_rank0_module_state(trained_runs, tmp_path
         assert (value.double() - reference[key]).abs().max().item() <= 1e-5, key
 
 
-def test_tag_directory_and_sharded_output(trained_runs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("impl", ["peft", "streaming"])
+def test_tag_directory_and_sharded_output(impl: str, trained_runs, tmp_path: Path) -> None:
     run, base = trained_runs("zero2-fp32")
     tag = (run / "ckpt" / "latest").read_text().strip()
-    _export(run / "ckpt" / tag, tmp_path / "out", base, "--max-shard-size", "100KB")
+    _export(run / "ckpt" / tag, tmp_path / "out", base, "--max-shard-size", "100KB", "--merge-impl", impl)
     merged = tmp_path / "out" / "merged"
     shards = sorted(p.name for p in merged.glob("model-*.safetensors"))
     assert len(shards) > 1 and not (merged / "model.safetensors").exists()

@@ -16,6 +16,8 @@ import json
 import math
 import os
 import re
+import struct
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lightning_lora.export.merge import ExportError
 
@@ -202,47 +203,98 @@ def plan_merge(model: Any, trained: dict[str, torch.Tensor], base_keys: set[str]
 
 
 def _merged_value(base: torch.Tensor | None, update: _Update | None, dtype: torch.dtype) -> torch.Tensor:
-    """One output tensor: PEFT's merge arithmetic in fp32, then one cast."""
+    """One output tensor: PEFT's merge arithmetic in fp32, then one cast (floating tensors only)."""
     if update is None:
-        return base.to(dtype)
+        return base.to(dtype) if base.is_floating_point() else base
     if update.replacement is not None:
         return update.replacement.to(dtype)
     a, b, scale, fan_in_fan_out = update.lora
-    weight = (update.base_override if update.base_override is not None else base).float()
+    source = update.base_override if update.base_override is not None else base
+    weight = source.to(torch.float32, copy=True)  # our own copy: the merge below works in place
     delta = (b @ a) * scale
     if fan_in_fan_out:
         delta = delta.T
     if update.magnitude is None:
-        return (weight + delta).to(dtype)
+        return weight.add_(delta).to(dtype)
     # DoRA: rescale each output row of W + delta to the trained magnitude (PEFT's dora merge).
-    merged = weight + delta
+    merged = weight.add_(delta)
     norm = torch.linalg.norm(merged.T if fan_in_fan_out else merged, dim=1)
     factor = (update.magnitude / norm).view(-1, 1)
     return (factor.T * merged if fan_in_fan_out else factor * merged).to(dtype)
 
 
-def _shards(plan: MergePlan, base_files: dict[str, Path], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
-    """Group output keys into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
-    element = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[str]] = [[]]
+# safetensors' names of the dtypes a checkpoint holds.
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_TORCH_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}
+
+
+@dataclass
+class _Entry:
+    """One tensor of the output: its key, shape and dtype, known before any value is computed."""
+
+    key: str
+    shape: list[int]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _entries(plan: MergePlan, base_files: dict[str, Path], dtype: torch.dtype) -> list[_Entry]:
+    """Shape and output dtype of every output tensor, read from the base files' headers."""
+    entries = []
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+        for key, source in plan.sources.items():
+            if not source:
+                replacement = plan.updates[key].replacement
+                entries.append(_Entry(key, list(replacement.shape), dtype))
+                continue
+            file = base_files[source]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, "pt"))
+            info = handles[file].get_slice(source)
+            base_dtype = _TORCH_DTYPES[info.get_dtype()]
+            entries.append(_Entry(key, list(info.get_shape()), dtype if base_dtype.is_floating_point else base_dtype))
+    return entries
+
+
+def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
+    """Group output tensors into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[_Entry]] = [[]]
     size = 0
-    for key in plan.sources:
-        numel = _numel(plan, key, base_files)
-        nbytes = numel * element
-        if shards[-1] and size + nbytes > max_bytes:
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(key)
-        size += nbytes
+        shards[-1].append(entry)
+        size += entry.nbytes
     return shards
 
 
-def _numel(plan: MergePlan, key: str, base_files: dict[str, Path]) -> int:
-    source = plan.sources[key]
-    if not source:
-        return plan.updates[key].replacement.numel()
-    with safe_open(base_files[source], "pt") as f:
-        return math.prod(f.get_slice(source).get_shape())
+def _write_shard(path: Path, entries: list[_Entry], values: Iterator[torch.Tensor]) -> None:
+    """Write a safetensors file tensor by tensor: the header (every offset is known in advance),
+    then each value as it is computed. Nothing but the tensor being written is held in memory,
+    where ``safetensors.torch.save_file`` would hold the whole shard, and a byte copy of it."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        header[entry.key] = {"dtype": _ST_DTYPES[entry.dtype], "shape": entry.shape, "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for entry, value in zip(entries, values, strict=True):
+            if value.dtype != entry.dtype or list(value.shape) != entry.shape:
+                raise ExportError(f"{entry.key!r} came out as {value.dtype} {list(value.shape)}, planned {entry.dtype} {entry.shape}")
+            f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def stream_merge(
@@ -272,31 +324,30 @@ def stream_merge(
     if not base_files:
         raise ExportError(f"--base-model={str(base_dir)!r} has no safetensors weights; use --merge-impl peft")
     plan = plan_merge(model, trained, set(base_files), frozen_from_checkpoint)
-    shards = _shards(plan, base_files, dtype, parse_size(max_shard_size))
+    entries = _entries(plan, base_files, dtype)
+    shards = _shards(entries, parse_size(max_shard_size))
     output_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
-    total = 0
-    for number, keys in enumerate(shards, start=1):
-        name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        with ExitStack() as stack:
-            # Memory-mapped base files; each base tensor is read, merged and dropped in turn, so
-            # only this output shard accumulates.
-            handles: dict[Path, Any] = {}
-            for key in keys:
-                source = plan.sources[key]
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def values(shard: list[_Entry]) -> Iterator[torch.Tensor]:
+            """Each output tensor in turn: its base tensor read (memory-mapped), merged, yielded."""
+            for entry in shard:
+                source = plan.sources[entry.key]
                 base = None
                 if source:
                     file = base_files[source]
                     if file not in handles:
                         handles[file] = stack.enter_context(safe_open(file, "pt"))
                     base = handles[file].get_tensor(source)
-                tensors[key] = _merged_value(base, plan.updates.get(key), dtype).contiguous()
-                total += tensors[key].numel() * tensors[key].element_size()
-                weight_map[key] = name
-                del base
-        save_file(tensors, output_dir / name, metadata={"format": "pt"})
-        del tensors
+                yield _merged_value(base, plan.updates.get(entry.key), dtype)
+
+        for number, shard in enumerate(shards, start=1):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            _write_shard(output_dir / name, shard, values(shard))
+            weight_map.update({entry.key: name for entry in shard})
+    total = sum(entry.nbytes for entry in entries)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
