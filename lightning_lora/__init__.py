@@ -1,7 +1,21 @@
 """Fine-tune Hugging Face causal LMs with LoRA in Lightning, and export deployable models."""
 
-from lightning_lora.data import InstructionDataModule
-from lightning_lora.module import LoraFinetuneModule
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["InstructionDataModule", "LoraFinetuneModule"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: ``lightning-lora export`` should not pay for importing Lightning.
+    if name == "InstructionDataModule":
+        from lightning_lora.data import InstructionDataModule
+
+        return InstructionDataModule
+    if name == "LoraFinetuneModule":
+        from lightning_lora.module import LoraFinetuneModule
+
+        return LoraFinetuneModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

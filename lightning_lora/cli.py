@@ -9,24 +9,19 @@ import sys
 import traceback
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
-from typing_extensions import override
-
-from lightning_lora.data import InstructionDataModule
-from lightning_lora.module import LoraFinetuneModule
+from typing import Any
 
 __all__ = ["LightningLoraCLI", "export_main", "main", "verify_main"]
 
 
-class LightningLoraCLI(LightningCLI):
-    """LightningCLI with ``LoraFinetuneModule`` and ``InstructionDataModule``.
+def __getattr__(name: str) -> Any:
+    # Lightning takes seconds to import and ``export``/``verify`` never need it: the LightningCLI
+    # subclass lives in its own module, imported only by the commands that train.
+    if name == "LightningLoraCLI":
+        from lightning_lora.lightning_cli import LightningLoraCLI
 
-    The data module's tokenizer is taken from the model, so a config names the base once.
-    """
-
-    @override
-    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        return LightningLoraCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,12 +35,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(export_main(args[1:]))
     if args[:1] == ["verify"]:
         sys.exit(verify_main(args[1:]))
-    LightningLoraCLI(
-        LoraFinetuneModule,
-        InstructionDataModule,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-    )
+    from lightning_lora.lightning_cli import run_lightning_cli
+
+    run_lightning_cli(argv)
 
 
 def _parser() -> argparse.ArgumentParser:
