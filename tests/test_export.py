@@ -241,3 +241,25 @@ def test_streaming_merger_equals_peft_merge(name: str, trained_runs, tmp_path: P
         assert config(stream_out) == config(peft_out)
         assert json.loads((stream_out / "adapter" / "adapter_config.json").read_text()) == json.loads(
             (peft_out / "adapter" / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["single-fp32", "dora", "modules-to-save-lm-head", "gpt2-conv1d"])
+def test_both_merges_agree_on_a_bf16_base(name: str, trained_runs, tmp_path: Path) -> None:
+    """A bf16 base (the usual case) is merged in fp32 by both implementations: the same tensors,
+    whether the export is bf16 or fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, base = trained_runs(name)
+    bf16_base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    AutoTokenizer.from_pretrained(base).save_pretrained(bf16_base)
+    for dtype in ("bf16", "fp32"):
+        outs = {}
+        for impl in ("peft", "streaming"):
+            outs[impl] = tmp_path / f"{impl}-{dtype}"
+            manifest = _export(run / "ckpt", outs[impl], bf16_base, "--merge-impl", impl, "--dtype", dtype)
+            assert manifest["verification"]["passed"]
+        peft, streamed = _load_dir(outs["peft"] / "merged"), _load_dir(outs["streaming"] / "merged")
+        assert peft.keys() == streamed.keys()
+        for key in peft:
+            assert torch.equal(peft[key], streamed[key]), (dtype, key)

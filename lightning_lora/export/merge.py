@@ -54,17 +54,27 @@ def rewrites_base(lora_config: dict[str, Any]) -> bool:
 
 
 def build_peft_model(base_model: str | Path, lora_config: dict[str, Any]) -> Any:
-    """The base in fp32 wrapped with LoRA as in training (adapters freshly initialised)."""
+    """The base in its own dtype wrapped with LoRA as in training, every trained tensor in fp32.
+
+    The frozen weights keep their stored precision (a bf16 base stays bf16: half the memory of
+    an fp32 copy); the adapters and ``modules_to_save`` copies are fp32, and :func:`merge` upcasts
+    one layer at a time, so the arithmetic is fp32 throughout.
+    """
     from peft import get_peft_model
+    from peft.utils import ModulesToSaveWrapper
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
     config = lora_config_from_dict({**lora_config, "base_model_name_or_path": str(base_model)})
     # Initialisation does not matter (every adapter tensor is overwritten), except that PiSSA-like
     # inits would rewrite the base: the checkpoint's frozen weights replace it then.
     config.init_lora_weights = True
     config.inference_mode = False
-    return get_peft_model(base, config, autocast_adapter_dtype=False)
+    model = get_peft_model(base, config, autocast_adapter_dtype=True)  # half-precision adapters -> fp32
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.modules_to_save.float()
+    return model
 
 
 def trained_by_model_key(model: Any, checkpoint: TrainedCheckpoint) -> dict[str, torch.Tensor]:
@@ -136,7 +146,7 @@ def load_trained(model: Any, trained: dict[str, torch.Tensor], frozen_from_check
     own = model.state_dict()
     with torch.no_grad():
         for key in set(trained) if frozen_from_checkpoint else trainable:
-            own[key].copy_(trained[key].to(torch.float32))
+            own[key].copy_(trained[key])
 
 
 def _raise_on_gaps(missing: list[str], unexpected: list[str], source: str) -> None:
@@ -153,9 +163,23 @@ def _raise_on_gaps(missing: list[str], unexpected: list[str], source: str) -> No
         )
 
 
+@torch.no_grad()
 def merge(model: Any, dtype: torch.dtype) -> Any:
-    """``merge_and_unload`` in fp32, then one cast to ``dtype``; unties a head that training changed."""
-    merged = model.merge_and_unload(progressbar=False, safe_merge=True)
+    """PEFT's merge, one LoRA layer at a time in fp32, each cast once to ``dtype`` right after;
+    then the adapters are unloaded. Unties a head that training changed.
+
+    Upcasting layer by layer keeps the peak near the model in its own dtype plus one fp32 layer,
+    where ``merge_and_unload`` on an fp32 copy of the whole model would need twice that or more.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            weight = module.get_base_layer().weight
+            weight.data = weight.data.to(torch.float32)
+            module.merge(safe_merge=True)
+            weight.data = weight.data.to(dtype)
+    merged = model.unload()
     _untie_changed_head(merged)
     return merged.to(dtype)
 
