@@ -115,7 +115,8 @@ def _summary(output: Path, manifest: dict) -> str:
     files = manifest["files"]
     size = sum(f["size"] for f in files.values()) / 2**20
     line = (
-        f"exported {len(files)} files ({size:.1f} MiB, {manifest['dtype']}, {manifest['merge_impl']} merge) "
+        f"exported {len(files)} files ({size:.1f} MiB, {manifest['dtype']}, "
+        f"{manifest['merge_impl'] + ' merge' if 'merged/config.json' in files else 'adapter only'}) "
         f"to {output} in {manifest['seconds']:.1f}s"
     )
     verification = manifest["verification"]

@@ -186,11 +186,12 @@ def test_tag_directory_and_sharded_output(impl: str, trained_runs, tmp_path: Pat
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _load_dir(merged).values())
 
 
-def test_adapter_directory_as_input_round_trips(trained_runs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("impl", ["peft", "streaming"])
+def test_adapter_directory_as_input_round_trips(impl: str, trained_runs, tmp_path: Path) -> None:
     run, base = trained_runs("single-fp32")
     _export(run / "ckpt", tmp_path / "first", base)
     # An exported adapter is itself a valid input: exporting it again gives the same merged model.
-    _export(tmp_path / "first" / "adapter", tmp_path / "second", base)
+    _export(tmp_path / "first" / "adapter", tmp_path / "second", base, "--merge-impl", impl)
     first, second = _load_dir(tmp_path / "first" / "merged"), _load_dir(tmp_path / "second" / "merged")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)

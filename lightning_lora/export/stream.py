@@ -18,7 +18,6 @@ import os
 import re
 import struct
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +76,7 @@ def _available_memory() -> int:
 def choose_merge_impl(requested: str, base_dir: str | Path) -> tuple[str, str]:
     """The merge implementation to use, and why.
 
-    ``auto`` streams when the whole-model merge (the base upcast to fp32, plus the cast copy)
+    ``auto`` streams when the whole-model merge (the base in memory, plus its mapped files)
     would take more than half of the memory available now, and the base is in safetensors.
     """
     if requested not in MERGE_IMPLS:
@@ -89,11 +88,9 @@ def choose_merge_impl(requested: str, base_dir: str | Path) -> tuple[str, str]:
         return requested, "requested"
     if not files:
         return "peft", "the base model has no safetensors files to stream"
-    params = 0
-    for file in set(files.values()):
-        with safe_open(file, "pt") as f:
-            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    needed, available = params * 4 * 2, _available_memory()
+    # The whole-model merge holds the base in its own dtype (its size on disk) while the mapped
+    # input files stay resident too: about twice the files' size.
+    needed, available = 2 * sum(file.stat().st_size for file in set(files.values())), _available_memory()
     verdict = "streaming" if needed > available // 2 else "peft"
     return verdict, f"a whole-model merge needs about {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
 
@@ -110,6 +107,7 @@ def build_meta_peft_model(base_dir: str | Path, lora_config: dict[str, Any]) -> 
         base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     peft_config = lora_config_from_dict({**lora_config, "base_model_name_or_path": str(base_dir)})
     peft_config.init_lora_weights = True  # PiSSA-like inits would run an SVD; the values are overwritten anyway
+    peft_config.inference_mode = False  # adapter_config.json says true; the trained tensors are found by requires_grad
     return get_peft_model(base, peft_config, autocast_adapter_dtype=False)
 
 
@@ -274,21 +272,23 @@ class _Entry:
 
 
 def _entries(plan: MergePlan, base_files: dict[str, Path], dtype: torch.dtype) -> list[_Entry]:
-    """Shape and output dtype of every output tensor, read from the base files' headers."""
+    """Shape and output dtype of every output tensor, read from the base files' JSON headers
+    (nothing is memory-mapped for this)."""
+    headers: dict[Path, dict[str, Any]] = {}
     entries = []
-    with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
-        for key, source in plan.sources.items():
-            if not source:
-                replacement = plan.updates[key].replacement
-                entries.append(_Entry(key, list(replacement.shape), dtype))
-                continue
-            file = base_files[source]
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(file, "pt"))
-            info = handles[file].get_slice(source)
-            base_dtype = _TORCH_DTYPES[info.get_dtype()]
-            entries.append(_Entry(key, list(info.get_shape()), dtype if base_dtype.is_floating_point else base_dtype))
+    for key, source in plan.sources.items():
+        if not source:
+            replacement = plan.updates[key].replacement
+            entries.append(_Entry(key, list(replacement.shape), dtype))
+            continue
+        file = base_files[source]
+        if file not in headers:
+            with file.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                headers[file] = json.loads(f.read(length))
+        info = headers[file][source]
+        base_dtype = _TORCH_DTYPES[info["dtype"]]
+        entries.append(_Entry(key, list(info["shape"]), dtype if base_dtype.is_floating_point else base_dtype))
     return entries
 
 
