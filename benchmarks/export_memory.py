@@ -350,15 +350,9 @@ def dir_bytes(directory: Path) -> int:
 # --------------------------------------------------------------------------------------------
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from lightning_lora.export.hf import package_versions
 
-    found = {"python": platform.python_version()}
-    for name in ("lightning-lora", "torch", "transformers", "peft", "deepspeed", "lightning", "safetensors"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
+    return {"python": platform.python_version(), **package_versions()}
 
 
 def machine() -> dict[str, Any]:
