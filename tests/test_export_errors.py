@@ -405,3 +405,13 @@ def test_checkpoint_missing_one_adapter_tensor_fails_naming_it(impl: str, capsys
     # Named as the PEFT model calls it: the checkpoint key less the LightningModule attribute.
     assert removed.removeprefix("model.") in message and "1 trained tensor(s)" in message
     _assert_nothing_written(tmp_path / "out")
+
+
+def test_truncated_rank_file_is_named(capsys, zero_copy, tmp_path: Path) -> None:
+    checkpoint, base = zero_copy
+    tag = checkpoint / (checkpoint / "latest").read_text().strip()
+    rank_file = next(p for p in sorted(tag.iterdir()) if p.name.startswith("zero_pp_rank_1"))
+    rank_file.write_bytes(rank_file.read_bytes()[: rank_file.stat().st_size // 2])
+    message = _error(capsys, _args(checkpoint, tmp_path / "out", base))
+    assert rank_file.name in message and "truncated or corrupt" in message
+    _assert_nothing_written(tmp_path / "out")

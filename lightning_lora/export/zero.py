@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +93,19 @@ def check_rank_files(tag_dir: Path, states: dict[str, Any]) -> int:
     return world_size
 
 
+def _check_readable(tag_dir: Path) -> None:
+    """Name a truncated or corrupt rank file before DeepSpeed fails on it with no file name.
+
+    torch saves zip archives whose directory sits at the end: a truncated file has none.
+    """
+    for path in sorted(tag_dir.iterdir()):
+        if (_MODEL_STATES.search(path.name) or _OPTIM_STATES.search(path.name)) and not zipfile.is_zipfile(path):
+            raise ZeroCheckpointError(
+                f"{str(path)!r} is truncated or corrupt ({path.stat().st_size} bytes); the checkpoint cannot be "
+                "read (was it still being written or copied?)"
+            )
+
+
 def read_model_states(tag_dir: Path) -> dict[str, Any]:
     """Rank 0's model states: engine metadata, the rank-0 module, and Lightning's client state."""
     files = sorted(p for p in tag_dir.iterdir() if _MODEL_STATES.search(p.name))
@@ -133,6 +147,7 @@ def read_zero_checkpoint(tag_dir: Path, include_frozen: bool) -> tuple[dict[str,
     """
     from deepspeed.utils import zero_to_fp32
 
+    _check_readable(tag_dir)
     states = read_model_states(tag_dir)
     check_rank_files(tag_dir, states)
     kwargs: dict[str, Any] = {"tag": tag_dir.name}
