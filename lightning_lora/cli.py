@@ -11,7 +11,7 @@ from pathlib import Path
 
 from typing import Any
 
-__all__ = ["LightningLoraCLI", "export_main", "main", "verify_main"]
+__all__ = ["export_main", "main", "verify_main"]  # LightningLoraCLI: see __getattr__
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,7 @@ Sources: a DeepSpeed ZeRO directory, a Lightning ``.ckpt`` file, or a PEFT adapt
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class TrainedCheckpoint:
     global_step: int | None = None
     adapter_format: bool = False
     tag: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def lora_config_from_dict(config: dict[str, Any]) -> Any:
