@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, TrainedCheckpoint, config_to_dict
 from lightning_lora.export.keys import normalize_keys
+from lightning_lora.export.merge import DTYPES
 from lightning_lora.export.pipeline import export_checkpoint
 from lightning_lora.export.stream import MERGE_IMPLS, parse_size
 from lightning_lora.export.zero import ZeroCheckpointError, check_rank_files, read_model_states, resolve_zero_tag
@@ -64,8 +65,8 @@ class HFExport(L.Callback):
         overwrite: bool = False,
         export_on_exception: bool = False,
     ) -> None:
-        if dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"HFExport dtype={dtype!r} is not one of ['auto', 'fp32', 'bf16', 'fp16']")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"HFExport dtype={dtype!r} is not one of {['auto', *DTYPES]}")
         if not merge and not save_adapter:
             raise ValueError("HFExport with merge=False and save_adapter=False would export nothing")
         self.dirpath = Path(dirpath)
