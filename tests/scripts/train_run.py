@@ -135,6 +135,11 @@ def main() -> None:
         if args.record:
             finished = {"global_step": trainer.global_step, "strict_loading": module.strict_loading}
             (out / "finished.json").write_text(json.dumps(finished))
+    # Leave the process group before the interpreter exits: exiting with gloo's threads still
+    # running aborts the process now and then ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 class RecordStart(L.Callback):
