@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +27,9 @@ __all__ = [
 ]
 
 BUILTIN_PREFIX = "builtin:"
-ARCHITECTURES = ("llama", "qwen2", "gpt2", "bloom")
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "phi", "phi3", "gpt2", "bloom")
 # Bump when the built base changes, so stale caches are not reused.
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 _VOCAB_SIZE = 384
 _CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -109,7 +111,7 @@ def build_tokenizer(vocab_size: int = _VOCAB_SIZE) -> Any:
 
 
 def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
-    """A config of a few hundred thousand parameters for one of ``llama``, ``qwen2``, ``gpt2``, ``bloom``."""
+    """A config of a few hundred thousand parameters for one of :data:`ARCHITECTURES`."""
     import transformers
 
     # A real model's logits can be large because its hidden size is large; at hidden size 64 the
@@ -119,17 +121,35 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     if arch == "llama":
         kwargs = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
-        config = transformers.LlamaConfig(vocab_size=vocab_size, **ids, **{**kwargs, **overrides})
+        config = transformers.LlamaConfig(vocab_size=vocab_size, **{**ids, **kwargs, **overrides})
     elif arch == "qwen2":
         kwargs = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
-        config = transformers.Qwen2Config(vocab_size=vocab_size, **ids, **{**kwargs, **overrides})
+        config = transformers.Qwen2Config(vocab_size=vocab_size, **{**ids, **kwargs, **overrides})
+    elif arch == "mistral":
+        kwargs = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+        config = transformers.MistralConfig(vocab_size=vocab_size, **{**ids, **kwargs, **overrides})
+    elif arch == "gemma":
+        # Gemma's head_dim (256) is not hidden_size / heads; it ties and scales the embeddings.
+        kwargs = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True)
+        config = transformers.GemmaConfig(vocab_size=vocab_size, **{**ids, **kwargs, **overrides})
+    elif arch == "phi":
+        kwargs = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=512, tie_word_embeddings=False)
+        config = transformers.PhiConfig(vocab_size=vocab_size, **{**ids, **kwargs, **overrides})
+    elif arch == "phi3":
+        kwargs = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, original_max_position_embeddings=512,
+                      tie_word_embeddings=False)
+        config = transformers.Phi3Config(vocab_size=vocab_size, **{**ids, **kwargs, **overrides})
     elif arch == "gpt2":
         kwargs = dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)
-        config = transformers.GPT2Config(vocab_size=vocab_size, **ids, **{**kwargs, **overrides})
+        config = transformers.GPT2Config(vocab_size=vocab_size, **{**ids, **kwargs, **overrides})
     elif arch == "bloom":
         kwargs = dict(hidden_size=64, n_layer=2, n_head=4)
-        config = transformers.BloomConfig(vocab_size=vocab_size, **ids, **{**kwargs, **overrides})
+        config = transformers.BloomConfig(vocab_size=vocab_size, **{**ids, **kwargs, **overrides})
     else:
         raise ValueError(f"arch={arch!r} is not one of {list(ARCHITECTURES)}")
     return config
@@ -138,17 +158,33 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
 def build_tiny_base(output_dir: str | Path, arch: str = "llama", seed: int = 0, **config_overrides: Any) -> Path:
     """Write a tiny randomly initialised base model and its tokenizer as a normal HF directory."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    output_dir = Path(output_dir)
     tokenizer = build_tokenizer()
-    config = tiny_config(arch, len(tokenizer), **config_overrides)
+    tiny_config(arch, len(tokenizer), **config_overrides).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    # Some architectures' tokenizer classes add a token of their own on loading (Qwen2's
+    # <|endoftext|>): the model must embed every token the tokenizer can produce.
+    vocab_size = len(AutoTokenizer.from_pretrained(output_dir))
+    config = tiny_config(arch, vocab_size, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def _build_outside_process_group(output_dir: Path, arch: str) -> None:
+    """``build_tiny_base``, in a fresh process when ``torch.distributed`` is initialised: transformers'
+    ``save_pretrained`` then writes weights on global rank 0 only, and any rank may build first."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        build_tiny_base(output_dir, arch=arch)
+        return
+    code = f"from lightning_lora.tiny import build_tiny_base; build_tiny_base({str(output_dir)!r}, arch={arch!r})"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _cache_root() -> Path:
@@ -169,7 +205,7 @@ def resolve_model_path(name: str) -> str:
         # Build beside the target and rename: concurrent ranks never see a half-written base.
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        build_tiny_base(tmp, arch=arch)
+        _build_outside_process_group(tmp, arch)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first; its build is identical

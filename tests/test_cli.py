@@ -45,7 +45,14 @@ def test_every_shipped_yaml_parses(config: Path, capsys: pytest.CaptureFixture[s
             if not isinstance(value, dict):
                 assert printed[section][key] == value, (section, key)
     if "strategy" in own.get("trainer", {}):
-        assert printed["trainer"]["strategy"]["init_args"]["stage"] == own["trainer"]["strategy"]["init_args"]["stage"]
+        strategy = own["trainer"]["strategy"]
+        assert printed["trainer"]["strategy"]["class_path"] == strategy["class_path"]
+        for key, value in strategy["init_args"].items():
+            taken = printed["trainer"]["strategy"]["init_args"][key]
+            if isinstance(value, list):  # a set (FSDP's auto_wrap_policy), printed in any order
+                assert sorted(taken) == sorted(value), ("trainer.strategy", key)
+            else:
+                assert taken == value, ("trainer.strategy", key)
 
 
 def test_repeated_configs_combine(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
