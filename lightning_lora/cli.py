@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge-impl", default="auto", choices=["auto", "peft", "streaming"],
                         help="peft: merge_and_unload on the whole model; streaming: one tensor at a time, "
                         "for models larger than memory; auto (default): streaming when the model would not fit comfortably")
+    parser.add_argument("--tokenizer", help="tokenizer to ship with the merged model (default: the one the run "
+                        "trained with, when the checkpoint records it, else the base model's)")
     parser.add_argument("--no-merge", action="store_true", help="write only the adapter")
     parser.add_argument("--no-verify", action="store_true", help="skip the merged-vs-adapter comparison")
     parser.add_argument("--frozen-from-checkpoint", action="store_true",
@@ -98,6 +100,7 @@ def export_main(argv: list[str]) -> int:
             verify=not args.no_verify,
             overwrite=args.overwrite,
             frozen_from_checkpoint=args.frozen_from_checkpoint,
+            tokenizer=args.tokenizer,
             progress=sys.stderr.isatty(),
         )
     except (OSError, ValueError, RuntimeError) as err:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_lora.export.tokens import add_tokens
 from lightning_lora.tiny import resolve_model_path
 from lightning_lora.templates import TEMPLATES, TemplateName, render_alpaca, render_messages
 
@@ -158,6 +159,8 @@ class InstructionDataModule(L.LightningDataModule):
         pad_to_multiple_of: batches are padded to the longest example rounded up to this.
         seed: seed of the validation split and of the training shuffle.
         num_workers: DataLoader worker processes.
+        added_tokens: tokens to add to the tokenizer, as whole tokens (give ``model.added_tokens``
+            the same list so the model embeds them; the CLI links the two).
     """
 
     def __init__(
@@ -175,6 +178,7 @@ class InstructionDataModule(L.LightningDataModule):
         pad_to_multiple_of: int = 8,
         seed: int = 42,
         num_workers: int = 0,
+        added_tokens: list[str] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("data_path", data_path), ("val_data_path", val_data_path)):
@@ -203,6 +207,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.seed = seed
         self.num_workers = num_workers
+        self.added_tokens = list(added_tokens or [])
         self.tokenizer: Any = None
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
@@ -212,6 +217,8 @@ class InstructionDataModule(L.LightningDataModule):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
+        if self.added_tokens:
+            add_tokens(tokenizer, self.added_tokens, "data.added_tokens")
         if tokenizer.eos_token_id is None and self.add_eos:
             raise ValueError(f"data.tokenizer={self.tokenizer_name!r} has no EOS token; set data.add_eos=false")
         if tokenizer.pad_token_id is None:

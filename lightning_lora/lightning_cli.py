@@ -18,12 +18,14 @@ __all__ = ["LightningLoraCLI", "run_lightning_cli"]
 class LightningLoraCLI(LightningCLI):
     """LightningCLI with ``LoraFinetuneModule`` and ``InstructionDataModule``.
 
-    The data module's tokenizer is taken from the model, so a config names the base once.
+    The data module's tokenizer and added tokens are taken from the model, so a config names
+    the base and the new tokens once.
     """
 
     @override
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.added_tokens", "data.added_tokens")
 
 
 def run_lightning_cli(argv: list[str] | None) -> None:

@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, config_to_dict
+from lightning_lora.export.tokens import add_tokens, embedding_names, resize_vocab, tokenizer_files
 from lightning_lora.tiny import resolve_model_path
 
 __all__ = ["LoraFinetuneModule"]
@@ -57,6 +58,11 @@ class LoraFinetuneModule(L.LightningModule):
         warmup_steps: optimizer steps of linear warmup from zero.
         lr_schedule: ``cosine`` decay to ``min_lr_ratio`` times the peak after warmup, or ``constant``.
         min_lr_ratio: the final learning rate of the cosine schedule as a fraction of the peak.
+        added_tokens: tokens to add to the tokenizer (give ``data.added_tokens`` the same list;
+            the CLI links them). The embeddings grow to the new vocabulary (new rows start at
+            the mean of the old ones) and, unless ``modules_to_save`` trains the embeddings in
+            full, PEFT's trainable tokens train exactly the new rows of the input embeddings and
+            of an untied output head.
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class LoraFinetuneModule(L.LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         min_lr_ratio: float = 0.0,
+        added_tokens: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(r, int) or r < 1:
@@ -121,6 +128,9 @@ class LoraFinetuneModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.lr_schedule = lr_schedule
         self.min_lr_ratio = min_lr_ratio
+        self.added_tokens = list(added_tokens or [])
+        self.tokenizer: Any = None  # loaded only to add tokens; the data module has its own
+        self._tokenizer_record: tuple[int, dict[str, str]] | None = None
         self.model: torch.nn.Module | None = None
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
@@ -152,6 +162,8 @@ class LoraFinetuneModule(L.LightningModule):
         strategy = self._deepspeed_strategy()
         if strategy is not None and strategy.zero_stage_3:
             self._check_zero3_support()
+        if self.added_tokens:
+            self._add_tokens(base)
         # PEFT upcasts adapters of a half-precision base to fp32 for stable training. DeepSpeed keeps
         # fp32 master weights itself, and its ZeRO-3 defragmentation asserts on mixed dtypes.
         self.model = get_peft_model(base, self.lora_config(), autocast_adapter_dtype=strategy is None)
@@ -176,6 +188,35 @@ class LoraFinetuneModule(L.LightningModule):
             "base_model": self.model_name_or_path,
             "prefix": "model.",
         }
+        if self.model is not None:
+            weight = self.model.get_input_embeddings().weight
+            checkpoint[CHECKPOINT_KEY]["vocab_size"] = getattr(weight, "ds_shape", weight.shape)[0]
+        files = self._tokenizer_files()
+        if files is not None:
+            checkpoint[CHECKPOINT_KEY]["tokenizer"] = files
+
+    def _tokenizer_files(self) -> dict[str, str] | None:
+        """The tokenizer this run trains with (the data module's, else our own), as files."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None) or self.tokenizer
+        if tokenizer is None:
+            return None
+        if self._tokenizer_record is None or self._tokenizer_record[0] != id(tokenizer):
+            self._tokenizer_record = (id(tokenizer), tokenizer_files(tokenizer))
+        return self._tokenizer_record[1]
+
+    def _add_tokens(self, base: torch.nn.Module) -> None:
+        """Add ``added_tokens`` to the vocabulary, grow the embeddings, and train the new rows."""
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.model_name_or_path))
+        ids = add_tokens(self.tokenizer, self.added_tokens, "model.added_tokens")
+        resize_vocab(base, max(len(self.tokenizer), base.get_input_embeddings().weight.shape[0]))
+        names = [name for name in embedding_names(base) if name is not None]
+        if any(name in (self.lora_settings["modules_to_save"] or []) for name in names):
+            return  # the embeddings are trained in full: the new rows with them
+        # Both matrices by name: PEFT leaves out the head when it is tied to the input embeddings.
+        self.lora_settings["trainable_token_indices"] = {name: ids for name in names}
 
     def _load_base_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -205,6 +246,11 @@ class LoraFinetuneModule(L.LightningModule):
         # These initialisations read the base weights while PEFT builds the adapters, which under
         # ZeRO-3 are still empty partitions: they would silently start from garbage.
         init = self.lora_settings["init_lora_weights"]
+        if self.added_tokens:
+            raise ValueError(
+                "model.added_tokens is not supported with DeepSpeed ZeRO-3 (PEFT initialises trainable "
+                "tokens of partitioned embeddings on CUDA only); use ZeRO-2 or DDP"
+            )
         if self.lora_settings["use_dora"]:
             raise ValueError("model.use_dora=true is not supported with DeepSpeed ZeRO-3; use ZeRO-2 or DDP")
         if isinstance(init, str) and init != "gaussian":
@@ -220,6 +266,7 @@ class LoraFinetuneModule(L.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        self._check_vocabulary()
         # Under ZeRO-3 a partitioned parameter reports numel() == 0; ds_numel is its full size.
         def count(p: torch.Tensor) -> int:
             return getattr(p, "ds_numel", p.numel())
@@ -229,6 +276,18 @@ class LoraFinetuneModule(L.LightningModule):
         rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
         if self.logger is not None:
             self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+
+    def _check_vocabulary(self) -> None:
+        """Fail before the first step if the data's tokenizer has ids the model has no embedding for
+        (an index error deep inside the forward pass otherwise)."""
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        weight = self.model.get_input_embeddings().weight
+        rows = getattr(weight, "ds_shape", weight.shape)[0]
+        if tokenizer is not None and len(tokenizer) > rows:
+            raise ValueError(
+                f"the data's tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}: "
+                f"give model.added_tokens the tokens data.added_tokens adds (now {self.added_tokens})"
+            )
 
     @override
     def forward(self, **batch: torch.Tensor) -> Any:

@@ -62,6 +62,11 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "dora": ("llama", ["--dora"]),
     "modules-to-save-lm-head": ("llama", ["--modules-to-save", "lm_head"]),
     "user-module-net": ("llama", ["--user-module", "--export"]),
+    "llama-added-tokens": ("llama", ["--added-tokens", "<tool>,<call>,<end_call>", "--export"]),
+    "qwen2-tied-added-tokens": ("qwen2", ["--added-tokens", "<tool>,<call>,<end_call>", "--export"]),
+    "zero3-qwen2-tied-lm-head-trained": (
+        "qwen2", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--modules-to-save", "lm_head", "--export"]
+    ),
 }
 
 

@@ -92,7 +92,9 @@ EXPECTED_FILES = {
 }
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+# Runs that added tokens grow the vocabulary, which the hand merge below does not model: tests/test_vocab.py
+# compares those with the trained tensors instead.
+@pytest.mark.parametrize("name", [name for name in RUNS if "added-tokens" not in name])
 def test_export_matches_an_independent_merge(name: str, trained_runs, tmp_path: Path) -> None:
     run, base = trained_runs(name)
     checkpoint = run / "ckpt"
@@ -131,6 +133,24 @@ def test_export_matches_an_independent_merge(name: str, trained_runs, tmp_path: 
     merged_logits, adapter_logits, merged_tokens, adapter_tokens = _adapter_and_merged_logits(out, base)
     assert (merged_logits - adapter_logits).abs().max().item() <= 1e-4
     assert torch.equal(merged_tokens, adapter_tokens)
+
+
+@pytest.mark.parametrize("state_dict_type", ["full", "sharded"])
+def test_fsdp_checkpoints_export_like_the_others(state_dict_type: str, trained_runs, tmp_path: Path) -> None:
+    """Lightning's FSDPStrategy writes a run's checkpoint in its two layouts (FSDP itself needs a GPU:
+    the state is that of a real single-device run); the export reads both and matches the hand merge."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    run, base = trained_runs("single-fp32")
+    checkpoint = torch.load(run / "ckpt", map_location="cpu", weights_only=False)
+    FSDPStrategy(state_dict_type=state_dict_type).save_checkpoint(checkpoint, tmp_path / "fsdp.ckpt")
+    assert (tmp_path / "fsdp.ckpt").is_dir() == (state_dict_type == "sharded")
+    manifest = _export(tmp_path / "fsdp.ckpt", tmp_path / "out", base)
+    assert manifest["source"]["kind"] == ("fsdp" if state_dict_type == "sharded" else "lightning")
+    assert manifest["verification"]["passed"] and manifest["global_step"] == 4
+    reference = reference_merge(base, torch.load(run / "trained.pt"), manifest["lora_config"])
+    merged = _load_dir(tmp_path / "out" / "merged")
+    assert max((merged[k].double() - reference[k]).abs().max().item() for k in merged) <= 1e-5
 
 
 def test_bf16_export_is_within_one_rounding(trained_runs, tmp_path: Path) -> None:

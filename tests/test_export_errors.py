@@ -415,3 +415,15 @@ def test_truncated_rank_file_is_named(capsys, zero_copy, tmp_path: Path) -> None
     message = _error(capsys, _args(checkpoint, tmp_path / "out", base))
     assert rank_file.name in message and "truncated or corrupt" in message
     _assert_nothing_written(tmp_path / "out")
+
+
+def test_sharded_fsdp_checkpoint_missing_a_shard_file_names_it(capsys, single, tmp_path: Path) -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    checkpoint_path, base = single
+    sharded = tmp_path / "fsdp.ckpt"
+    FSDPStrategy(state_dict_type="sharded").save_checkpoint(torch.load(checkpoint_path, weights_only=False), sharded)
+    (sharded / "__0_0.distcp").unlink()
+    message = _error(capsys, _args(sharded, tmp_path / "out", base))
+    assert "__0_0.distcp" in message and "shared by all nodes" in message and str(sharded) in message
+    _assert_nothing_written(tmp_path / "out")

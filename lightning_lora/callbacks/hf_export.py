@@ -10,15 +10,17 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, TrainedCheckpoint, config_to_dict
+from lightning_lora.export.fsdp import FSDPCheckpointError, check_fsdp_files, is_fsdp_checkpoint
 from lightning_lora.export.keys import normalize_keys
 from lightning_lora.export.merge import DTYPES
 from lightning_lora.export.pipeline import export_checkpoint
 from lightning_lora.export.stream import MERGE_IMPLS, parse_size
+from lightning_lora.export.tokens import tokenizer_files
 from lightning_lora.export.zero import ZeroCheckpointError, check_rank_files, read_model_states, resolve_zero_tag
 
 __all__ = ["HFExport"]
@@ -33,9 +35,10 @@ class HFExport(L.Callback):
 
     Works with :class:`~lightning_lora.LoraFinetuneModule` and with any LightningModule that holds
     a ``peft.PeftModel`` under any attribute. Single device and DDP export from memory on global
-    rank 0. DeepSpeed saves the final ZeRO checkpoint (or reuses the one ``ModelCheckpoint`` just
-    wrote at the same step), checks that every rank's shard is visible, and then rank 0 alone reads
-    it back and exports, so that no rank waits in a collective for the length of the export.
+    rank 0. DeepSpeed and FSDP, whose ranks each hold a shard, save the final checkpoint (or reuse
+    the one ``ModelCheckpoint`` just wrote at the same step), check that every rank's shard is
+    visible, and then rank 0 alone reads it back and exports, so that no rank waits in a collective
+    for the length of the export.
 
     Args:
         dirpath: the export directory (``adapter/``, ``merged/``, ``export.json``).
@@ -92,19 +95,19 @@ class HFExport(L.Callback):
         # A module of the user's own records nothing about its PEFT model; record it so that any
         # checkpoint of this run can be exported later by the command.
         if CHECKPOINT_KEY not in checkpoint:
-            checkpoint[CHECKPOINT_KEY] = _describe_peft_model(pl_module)
+            checkpoint[CHECKPOINT_KEY] = _describe_peft_model(pl_module, trainer)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_end runs only when the fit loop finished (not after an exception), before the
         # strategy tears down, so a DeepSpeed engine is still there to save a checkpoint.
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            source: Path | TrainedCheckpoint = self._save_zero_checkpoint(trainer)
+        if isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)):
+            source: Path | TrainedCheckpoint = self._save_sharded_checkpoint(trainer)
         else:
             source = _from_memory(trainer, pl_module) if trainer.is_global_zero else Path()
         if not trainer.is_global_zero:
             return
-        self.result = self._export(source, _describe_peft_model(pl_module), _validation_probes(trainer))
+        self.result = self._export(source, _describe_peft_model(pl_module, trainer), _validation_probes(trainer))
         verification = self.result["verification"]
         summary = f"HFExport: wrote {self.dirpath}"
         if "max_abs_logit_diff" in verification:
@@ -123,7 +126,7 @@ class HFExport(L.Callback):
         if not last or not Path(last).exists():
             rank_zero_warn(f"HFExport: fit failed ({exception!r}) and no checkpoint was written yet: nothing to export")
             return
-        described = _describe_peft_model(pl_module)
+        described = _describe_peft_model(pl_module, trainer)
         try:
             self.result = self._export(Path(last), described, probes=None)
         except Exception as err:  # the training failure is what the user must see first
@@ -149,18 +152,24 @@ class HFExport(L.Callback):
             progress=False,
         )
 
-    def _save_zero_checkpoint(self, trainer: L.Trainer) -> Path:
-        """Save (or reuse) the final ZeRO checkpoint on all ranks; fail on all ranks if rank 0 cannot see it whole."""
+    def _save_sharded_checkpoint(self, trainer: L.Trainer) -> Path:
+        """Save (or reuse) the final DeepSpeed or FSDP checkpoint on all ranks; fail on all ranks if
+        rank 0 cannot see it whole."""
         checkpoint = _reusable_checkpoint(trainer)
         if checkpoint is None:
-            checkpoint = self.dirpath.with_name(f"{self.dirpath.name}-zero.ckpt")
+            kind = "zero" if isinstance(trainer.strategy, DeepSpeedStrategy) else "fsdp"
+            checkpoint = self.dirpath.with_name(f"{self.dirpath.name}-{kind}.ckpt")
             trainer.save_checkpoint(checkpoint)  # a collective: every rank writes its shard
         problem = ""
         if trainer.is_global_zero:
             try:
-                tag_dir = resolve_zero_tag(checkpoint)
-                check_rank_files(tag_dir, read_model_states(tag_dir))
-            except ZeroCheckpointError as err:
+                if is_fsdp_checkpoint(checkpoint):
+                    check_fsdp_files(checkpoint)
+                elif checkpoint.is_dir():
+                    tag_dir = resolve_zero_tag(checkpoint)
+                    check_rank_files(tag_dir, read_model_states(tag_dir))
+                # else: an FSDP full state dict, one file that rank 0 wrote itself
+            except (ZeroCheckpointError, FSDPCheckpointError) as err:
                 problem = str(err)
         # One short collective so that every rank fails together instead of rank 0 alone.
         problem = trainer.strategy.broadcast(problem, src=0)
@@ -173,7 +182,7 @@ def _reusable_checkpoint(trainer: L.Trainer) -> Path | None:
     """The checkpoint ModelCheckpoint wrote at this very step, if there is one."""
     callback = trainer.checkpoint_callback
     path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-    if path and getattr(callback, "_last_global_step_saved", -1) == trainer.global_step and Path(path).is_dir():
+    if path and getattr(callback, "_last_global_step_saved", -1) == trainer.global_step and Path(path).exists():
         return Path(path)
     return None
 
@@ -187,20 +196,27 @@ def _find_peft_model(pl_module: L.LightningModule) -> tuple[str, Any]:
     raise ValueError(f"HFExport found no peft.PeftModel inside {type(pl_module).__name__}")
 
 
-def _describe_peft_model(pl_module: L.LightningModule) -> dict[str, Any]:
-    """The LoRA config, base model and attribute prefix of the PEFT model inside ``pl_module``."""
+def _describe_peft_model(pl_module: L.LightningModule, trainer: L.Trainer) -> dict[str, Any]:
+    """The LoRA config, base model, attribute prefix and vocabulary size of the PEFT model inside
+    ``pl_module``, and the data module's tokenizer if it has one."""
     name, peft_model = _find_peft_model(pl_module)
     config = peft_model.peft_config[peft_model.active_adapter]
-    return {
+    weight = peft_model.get_input_embeddings().weight
+    described = {
         "peft_config": config_to_dict(config),
         "base_model": config.base_model_name_or_path,
         "prefix": f"{name}." if name else "",
+        "vocab_size": getattr(weight, "ds_shape", weight.shape)[0],
     }
+    tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+    if tokenizer is not None:
+        described["tokenizer"] = tokenizer_files(tokenizer)
+    return described
 
 
 def _from_memory(trainer: L.Trainer, pl_module: L.LightningModule) -> TrainedCheckpoint:
     """The trained tensors of a module whose parameters rank 0 holds whole (single device, DDP)."""
-    described = _describe_peft_model(pl_module)
+    described = _describe_peft_model(pl_module, trainer)
     trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
     state = {n: t.detach().to("cpu", copy=True) for n, t in pl_module.state_dict().items() if n in trainable}
     return TrainedCheckpoint(
@@ -210,6 +226,8 @@ def _from_memory(trainer: L.Trainer, pl_module: L.LightningModule) -> TrainedChe
         lora_config=described["peft_config"],
         base_model=described["base_model"],
         global_step=trainer.global_step,
+        vocab_size=described["vocab_size"],
+        tokenizer_files=described.get("tokenizer"),
     )
 
 

@@ -1,6 +1,7 @@
 """Read any finished LoRA run into one shape: trained tensors keyed like the PEFT model, plus metadata.
 
-Sources: a DeepSpeed ZeRO directory, a Lightning ``.ckpt`` file, or a PEFT adapter directory.
+Sources: a DeepSpeed ZeRO directory, a sharded FSDP checkpoint directory, a Lightning ``.ckpt``
+file (FSDP's full state dict included), or a PEFT adapter directory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lightning_lora.export.fsdp import is_fsdp_checkpoint, read_fsdp_checkpoint
 from lightning_lora.export.keys import normalize_keys
 from lightning_lora.export.zero import is_zero_checkpoint, read_zero_checkpoint, resolve_zero_tag
 
@@ -29,12 +31,15 @@ class TrainedCheckpoint:
         tensors: by PEFT-model key (``base_model.model....lora_A.default.weight``); for an adapter
             directory, by PEFT's adapter-file key (``...lora_A.weight``), see ``adapter_format``.
         source: the path read.
-        kind: ``"deepspeed"``, ``"lightning"`` or ``"adapter"``.
+        kind: ``"deepspeed"``, ``"fsdp"`` (sharded), ``"lightning"`` or ``"adapter"``.
         lora_config: the PEFT ``LoraConfig`` as a dict, if the checkpoint carries it.
         base_model: the base model the run trained on, if recorded.
         global_step: the optimizer step the checkpoint was taken at, if recorded.
         adapter_format: the keys are in PEFT's adapter-file layout.
         tag: the ZeRO tag read, if any.
+        vocab_size: rows of the trained model's input embeddings, if recorded (larger than the
+            base's when the run added tokens).
+        tokenizer_files: the tokenizer the run trained with, as ``save_pretrained`` files, if recorded.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -45,6 +50,8 @@ class TrainedCheckpoint:
     global_step: int | None = None
     adapter_format: bool = False
     tag: str | None = None
+    vocab_size: int | None = None
+    tokenizer_files: dict[str, str] | None = None
 
 
 def lora_config_from_dict(config: dict[str, Any]) -> Any:
@@ -96,7 +103,10 @@ def load_checkpoint(
         raise FileNotFoundError(f"--checkpoint={str(path)!r} does not exist")
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return _load_adapter_dir(path)
-    if tag is not None or (path.is_dir() and is_zero_checkpoint(path)):
+    if tag is None and is_fsdp_checkpoint(path):
+        tensors, client_state = read_fsdp_checkpoint(path, include_frozen=include_frozen)
+        kind = "fsdp"
+    elif tag is not None or (path.is_dir() and is_zero_checkpoint(path)):
         tag_dir = resolve_zero_tag(path, tag)
         tensors, client_state = read_zero_checkpoint(tag_dir, include_frozen=include_frozen)
         kind, tag = "deepspeed", tag_dir.name
@@ -110,8 +120,8 @@ def load_checkpoint(
         tensors, client_state, kind = checkpoint["state_dict"], checkpoint, "lightning"
     else:
         raise ValueError(
-            f"--checkpoint={str(path)!r} is neither a DeepSpeed ZeRO directory (with 'latest'), "
-            "a Lightning .ckpt file, nor a PEFT adapter directory (with adapter_config.json)"
+            f"--checkpoint={str(path)!r} is neither a DeepSpeed ZeRO directory (with 'latest'), a sharded "
+            "FSDP checkpoint (with .metadata), a Lightning .ckpt file, nor a PEFT adapter directory (with adapter_config.json)"
         )
     recorded = _metadata(client_state)
     prefix = prefix if prefix is not None else recorded.get("prefix")
@@ -123,6 +133,8 @@ def load_checkpoint(
         base_model=recorded.get("base_model"),
         global_step=client_state.get("global_step"),
         tag=tag,
+        vocab_size=recorded.get("vocab_size"),
+        tokenizer_files=recorded.get("tokenizer"),
     )
 
 

@@ -156,7 +156,11 @@ def save_adapter(model: Any, trained: dict[str, torch.Tensor], directory: Path) 
     from safetensors.torch import save_file
 
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    state = get_peft_model_state_dict(model, state_dict={k: v.float() for k, v in trained.items() if k in trainable})
+    state = get_peft_model_state_dict(
+        model,
+        state_dict={k: v.float() for k, v in trained.items() if k in trainable},
+        save_embedding_layers=False,  # trained rows travel as trainable tokens, a trained matrix as modules_to_save
+    )
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     config = copy.deepcopy(model.peft_config["default"])

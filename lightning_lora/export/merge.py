@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lightning_lora.export.checkpoint import TrainedCheckpoint, lora_config_from_dict
+from lightning_lora.export.tokens import resize_vocab
 
 __all__ = [
     "ExportError",
@@ -53,8 +54,11 @@ def rewrites_base(lora_config: dict[str, Any]) -> bool:
     return isinstance(init, str) and init.startswith(_BASE_REWRITING_INITS)
 
 
-def build_peft_model(base_model: str | Path, lora_config: dict[str, Any]) -> Any:
+def build_peft_model(base_model: str | Path, lora_config: dict[str, Any], vocab_size: int | None = None) -> Any:
     """The base in its own dtype wrapped with LoRA as in training, every trained tensor in fp32.
+
+    ``vocab_size``: the trained model's vocabulary, when the run added tokens; the base's
+    embeddings grow to it as they did in training (see :func:`~lightning_lora.export.tokens.resize_vocab`).
 
     The frozen weights keep their stored precision (a bf16 base stays bf16: half the memory of
     an fp32 copy); the adapters and ``modules_to_save`` copies are fp32, and :func:`merge` upcasts
@@ -65,6 +69,8 @@ def build_peft_model(base_model: str | Path, lora_config: dict[str, Any]) -> Any
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
+    if vocab_size is not None:
+        resize_vocab(base, vocab_size)
     config = lora_config_from_dict({**lora_config, "base_model_name_or_path": str(base_model)})
     # Initialisation does not matter (every adapter tensor is overwritten), except that PiSSA-like
     # inits would rewrite the base: the checkpoint's frozen weights replace it then.
@@ -166,15 +172,18 @@ def _raise_on_gaps(missing: list[str], unexpected: list[str], source: str) -> No
 @torch.no_grad()
 def merge(model: Any, dtype: torch.dtype) -> Any:
     """PEFT's merge, one LoRA layer at a time in fp32, each cast once to ``dtype`` right after;
-    then the adapters are unloaded. Unties a head that training changed.
+    trained token rows are written into their embeddings; then the adapters are unloaded.
+    Unties a head that training changed.
 
     Upcasting layer by layer keeps the peak near the model in its own dtype plus one fp32 layer,
     where ``merge_and_unload`` on an fp32 copy of the whole model would need twice that or more.
     """
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
 
     for module in model.modules():
-        if isinstance(module, LoraLayer) and not module.merged:
+        # Trainable tokens copy their rows into the embeddings (unload alone would drop them).
+        if isinstance(module, (LoraLayer, TrainableTokensLayer)) and not module.merged:
             weight = module.get_base_layer().weight
             weight.data = weight.data.to(torch.float32)
             module.merge(safe_merge=True)

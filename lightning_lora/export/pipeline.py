@@ -42,6 +42,7 @@ from lightning_lora.export.merge import (
     trained_by_model_key,
 )
 from lightning_lora.export.stream import build_meta_peft_model, choose_merge_impl, parse_size, stream_merge
+from lightning_lora.export.tokens import reconcile_special_ids, write_tokenizer_files
 from lightning_lora.export.verify import verify_export
 from lightning_lora.tiny import resolve_model_path
 
@@ -60,6 +61,24 @@ def _read_lora_config(value: str | Path | dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"--lora-config={str(value)!r}: no adapter_config.json there")
     return json.loads(path.read_text())
+
+
+def _base_vocab(base_path: str) -> int | None:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(base_path).get_text_config(), "vocab_size", None)
+
+
+def _ship_tokenizer(merged_dir: Path, tokenizer: str | Path | None, trained: dict[str, str] | None, base_path: str) -> str:
+    """Write the merged model's tokenizer; returns where it came from."""
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, merged_dir)
+        return f"--tokenizer={str(tokenizer)!r}"
+    if trained:
+        write_tokenizer_files(trained, merged_dir)
+        return "the checkpoint (the tokenizer the run trained with)"
+    save_tokenizer(base_path, merged_dir)
+    return "the base model"
 
 
 def _check_output(output: Path, checkpoint: Path, base_model: str) -> None:
@@ -152,7 +171,8 @@ def export_checkpoint(
         verify: reload and compare merged with adapter outputs; a failure publishes nothing.
         overwrite: replace an existing ``output``.
         probes: token id lists to compare logits on (fixed prompts when ``None``).
-        tokenizer: the tokenizer to ship with the merged model (default: the base's).
+        tokenizer: the tokenizer to ship with the merged model; by default the one the run trained
+            with if the checkpoint records it (added tokens, chat template, pad token), else the base's.
         frozen_from_checkpoint: take frozen weights from the checkpoint instead of the base
             directory (automatic for PiSSA-like inits, which rewrite them).
         progress: show a progress bar.
@@ -182,7 +202,8 @@ def export_checkpoint(
     base_path = resolve_model_path(str(base_name))
     _check_output(output, Path(checkpoint.source), base_path)
     options = dict(lora_config=config, dtype=dtype, max_shard_size=max_shard_size, merge=merge_model,
-                   adapter=save_adapter_dir, tokenizer=str(tokenizer), frozen_from_checkpoint=frozen_from_checkpoint)
+                   adapter=save_adapter_dir, tokenizer=str(tokenizer), frozen_from_checkpoint=frozen_from_checkpoint,
+                   vocab_size=checkpoint.vocab_size, trained_tokenizer=checkpoint.tokenizer_files)
     fingerprint = inputs_fingerprint(checkpoint, base_path, options)
     recover_interrupted(output.resolve())
     previous = _previous_export(output, fingerprint)
@@ -194,14 +215,20 @@ def export_checkpoint(
         raise FileExistsError(f"--output={str(output)!r} exists already; pass --overwrite to replace it")
     steps.update()
 
+    tokenizer_source, special_changes = None, []
     steps.set_postfix_str("loading base + LoRA")
     impl, why = choose_merge_impl(merge_impl, base_path)
     log.info("merge implementation: %s (%s)", impl, why)
+    vocab = checkpoint.vocab_size
     try:
         # The streaming merger needs only the model's structure: built on the meta device, it costs no memory.
-        model = build_peft_model(base_path, config) if impl == "peft" else build_meta_peft_model(base_path, config)
+        build = build_peft_model if impl == "peft" else build_meta_peft_model
+        model = build(base_path, config, vocab)
     except OSError as err:
         raise ExportError(f"--base-model={str(base_name)!r} could not be loaded: {err}") from err
+    except ValueError as err:  # a recorded vocabulary smaller than the base's
+        raise ExportError(f"--base-model={str(base_name)!r} is not the model this run trained: {err}") from err
+    grown = vocab is not None and vocab != _base_vocab(base_path)
     from_checkpoint = frozen_from_checkpoint or rewrites_base(config)
     trained = trained_by_model_key(model, checkpoint)
     counts = count_tensors(model, trained, from_checkpoint)
@@ -220,6 +247,10 @@ def export_checkpoint(
         adapter_dir = tmp / "adapter" if save_adapter_dir else tmp / ".verify-adapter"
         if save_adapter_dir or (merge_model and verify):
             save_adapter(model, trained, adapter_dir)
+            if grown and checkpoint.tokenizer_files:
+                # PEFT's convention for added tokens: the adapter ships the tokenizer, whose length
+                # is what the base must be resized to before loading the adapter.
+                write_tokenizer_files(checkpoint.tokenizer_files, adapter_dir)
         steps.update()
 
         steps.set_postfix_str("merging")
@@ -236,7 +267,10 @@ def export_checkpoint(
                         f"{counts['lora_modules']}; nothing was published (try --merge-impl peft)"
                     )
             counts["merged_tensors"] = check_merged_files(merged_dir)
-            save_tokenizer(tokenizer or base_path, merged_dir)
+            tokenizer_source = _ship_tokenizer(merged_dir, tokenizer, checkpoint.tokenizer_files, base_path)
+            special_changes = reconcile_special_ids(merged_dir)
+            for change in special_changes:
+                log.info("special tokens: %s", change)
         del model, trained
         steps.update()
 
@@ -260,6 +294,9 @@ def export_checkpoint(
             "merge_impl_reason": why,
             "dtype": _DTYPE_NAMES[target],
             "max_shard_size": max_shard_size,
+            "vocab_size": vocab,
+            "tokenizer": tokenizer_source,
+            "special_token_changes": special_changes,
             "tensors": counts,
             "files": file_manifest(tmp),
             "versions": package_versions(),

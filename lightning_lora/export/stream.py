@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from lightning_lora.export.merge import ExportError
+from lightning_lora.export.tokens import resize_vocab
 
 __all__ = ["MERGE_IMPLS", "MergePlan", "build_meta_peft_model", "choose_merge_impl", "parse_size", "stream_merge"]
 
@@ -95,8 +96,9 @@ def choose_merge_impl(requested: str, base_dir: str | Path) -> tuple[str, str]:
     return verdict, f"a whole-model merge needs about {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
 
 
-def build_meta_peft_model(base_dir: str | Path, lora_config: dict[str, Any]) -> Any:
-    """The PEFT model of ``lora_config`` on the base's architecture, on the meta device (no memory)."""
+def build_meta_peft_model(base_dir: str | Path, lora_config: dict[str, Any], vocab_size: int | None = None) -> Any:
+    """The PEFT model of ``lora_config`` on the base's architecture, on the meta device (no memory),
+    its embeddings grown to ``vocab_size`` rows when the run added tokens."""
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,6 +107,8 @@ def build_meta_peft_model(base_dir: str | Path, lora_config: dict[str, Any]) -> 
     config = AutoConfig.from_pretrained(base_dir)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if vocab_size is not None:
+        resize_vocab(base, vocab_size)
     peft_config = lora_config_from_dict({**lora_config, "base_model_name_or_path": str(base_dir)})
     peft_config.init_lora_weights = True  # PiSSA-like inits would run an SVD; the values are overwritten anyway
     peft_config.inference_mode = False  # adapter_config.json says true; the trained tensors are found by requires_grad
@@ -119,6 +123,8 @@ class _Update:
     lora: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None  # A, B, scale, fan_in_fan_out
     magnitude: torch.Tensor | None = None  # DoRA
     base_override: torch.Tensor | None = None  # the checkpoint's frozen weight, merged instead of the base's
+    rows: int | None = None  # grow the base tensor to this many rows (added tokens), as resize_vocab does
+    tokens: tuple[list[int], torch.Tensor] | None = None  # trainable tokens: these rows replaced by these values
 
 
 @dataclass
@@ -142,6 +148,7 @@ def _lora_scale(config: Any, module: str, rank: int) -> float:
 def plan_merge(model: Any, trained: dict[str, torch.Tensor], base_keys: set[str], frozen_from_checkpoint: bool) -> MergePlan:
     """Decide, for every tensor the merged model saves, its source and its update."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
     from peft.utils import ModulesToSaveWrapper
 
     config = model.peft_config["default"]
@@ -152,7 +159,8 @@ def plan_merge(model: Any, trained: dict[str, torch.Tensor], base_keys: set[str]
 
     def hf_name(peft_name: str) -> str:
         """The name the unwrapped model gives a tensor of the PEFT model."""
-        return peft_name.removeprefix(_ROOT).replace(".base_layer.", ".").replace(".original_module.", ".")
+        name = peft_name.removeprefix(_ROOT).replace(".token_adapter.base_layer.", ".")
+        return name.replace(".base_layer.", ".").replace(".original_module.", ".")
 
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
@@ -166,8 +174,11 @@ def plan_merge(model: Any, trained: dict[str, torch.Tensor], base_keys: set[str]
         elif isinstance(module, ModulesToSaveWrapper):
             for param in dict(module.original_module.named_parameters()):
                 updates[f"{hf_name(name)}.{param}"] = _Update(replacement=trained[f"{name}.modules_to_save.default.{param}"])
+        elif isinstance(module, TrainableTokensLayer) and module.tied_adapter is None and "default" in module.token_indices:
+            values = trained[f"{name}.trainable_tokens_delta.default"]
+            updates[hf_name(f"{name}.base_layer.weight")] = _Update(tokens=(module.token_indices["default"], values))
     for key, value in trained.items():  # trained biases (bias="all"/"lora_only"), frozen weights from the checkpoint
-        if ".lora_" in key or ".modules_to_save." in key:
+        if _is_adapter_key(key):
             continue
         out = hf_name(key)
         trainable = model.get_parameter(key).requires_grad
@@ -177,14 +188,20 @@ def plan_merge(model: Any, trained: dict[str, torch.Tensor], base_keys: set[str]
             updates[out] = _Update(replacement=value)
 
     # The tensors save_pretrained would write: the unwrapped model's state dict less tied duplicates.
-    wanted = [hf_name(k) for k in model.state_dict() if ".lora_" not in k and ".modules_to_save." not in k]
+    wanted = [hf_name(k) for k in model.state_dict() if not _is_adapter_key(k)]
     tied = bool(getattr(hf_model.config, "tie_word_embeddings", False)) and hf_model.get_output_embeddings() is not None
-    names = {id(m): n for n, m in hf_model.named_modules()}
-    output_key = input_key = None
-    if tied:
-        output_key = f"{names[id(hf_model.get_output_embeddings())]}.weight"
-        input_key = f"{names[id(hf_model.get_input_embeddings())]}.weight"
-    untie = tied and (output_key in updates or input_key in updates)
+    names = {id(m): n.replace(".token_adapter.base_layer", "") for n, m in hf_model.named_modules()}
+    input_key = f"{names[id(hf_model.get_input_embeddings())]}.weight"
+    output_key = f"{names[id(hf_model.get_output_embeddings())]}.weight" if hf_model.get_output_embeddings() is not None else None
+    # A tied head follows trained token rows of the input embeddings (PEFT ties their adapters),
+    # but not a replaced input embedding (modules_to_save) nor an update of its own.
+    follows = input_key not in updates or updates[input_key].tokens is not None
+    untie = tied and (output_key in updates or not follows)
+    # Embeddings grown for added tokens: new rows as resize_vocab makes them (a no-op otherwise).
+    vocab = hf_model.get_input_embeddings().weight.shape[0]
+    for key in (input_key, output_key):
+        if key is not None and (key == input_key or untie or not tied):
+            updates.setdefault(key, _Update()).rows = vocab
     for key in wanted:
         if tied and key == output_key and not untie:
             continue  # written once, as the input embeddings
@@ -198,6 +215,11 @@ def plan_merge(model: Any, trained: dict[str, torch.Tensor], base_keys: set[str]
             raise ExportError(f"the base model's files hold no tensor for {key!r}; use --merge-impl peft")
         sources[key] = source
     return MergePlan(sources=sources, updates=updates, untie=untie)
+
+
+def _is_adapter_key(key: str) -> bool:
+    """A tensor of the adapter (LoRA, modules_to_save copy, trainable tokens), not of the base model."""
+    return ".lora_" in key or ".modules_to_save." in key or ".trainable_tokens_" in key
 
 
 class _Workspace:
@@ -234,19 +256,25 @@ def _merged_value(
         return workspace.take("out", base.shape, dtype).copy_(base)
     if update.replacement is not None:
         return update.replacement.to(dtype)
-    a, b, scale, fan_in_fan_out = update.lora
     source = update.base_override if update.base_override is not None else base
+    if update.rows is not None and update.rows > source.shape[0]:
+        # resize_vocab's new rows: the mean of the old ones, in the base's dtype.
+        mean = source.float().mean(dim=0, keepdim=True).to(source.dtype)
+        source = torch.cat([source, mean.expand(update.rows - source.shape[0], -1)])
     weight = workspace.take("weight", source.shape, torch.float32).copy_(source)
-    delta = torch.matmul(b, a, out=workspace.take("delta", (b.shape[0], a.shape[1]), torch.float32)).mul_(scale)
-    if fan_in_fan_out:
-        delta = delta.T
-    if update.magnitude is None:
-        return workspace.take("out", weight.shape, dtype).copy_(weight.add_(delta))
-    # DoRA: rescale each output row of W + delta to the trained magnitude (PEFT's dora merge).
-    merged = weight.add_(delta)
-    norm = torch.linalg.norm(merged.T if fan_in_fan_out else merged, dim=1)
-    factor = (update.magnitude / norm).view(-1, 1)
-    return (factor.T * merged if fan_in_fan_out else factor * merged).to(dtype)
+    if update.lora is not None:
+        a, b, scale, fan_in_fan_out = update.lora
+        delta = torch.matmul(b, a, out=workspace.take("delta", (b.shape[0], a.shape[1]), torch.float32)).mul_(scale)
+        weight.add_(delta.T if fan_in_fan_out else delta)
+        if update.magnitude is not None:
+            # DoRA: rescale each output row of W + delta to the trained magnitude (PEFT's dora merge).
+            norm = torch.linalg.norm(weight.T if fan_in_fan_out else weight, dim=1)
+            factor = (update.magnitude / norm).view(-1, 1)
+            return (factor.T * weight if fan_in_fan_out else factor * weight).to(dtype)
+    if update.tokens is not None:
+        indices, values = update.tokens
+        weight.index_copy_(0, torch.tensor(indices), values.float())
+    return workspace.take("out", weight.shape, dtype).copy_(weight)
 
 
 # safetensors' names of the dtypes a checkpoint holds.
@@ -288,7 +316,11 @@ def _entries(plan: MergePlan, base_files: dict[str, Path], dtype: torch.dtype) -
                 headers[file] = json.loads(f.read(length))
         info = headers[file][source]
         base_dtype = _TORCH_DTYPES[info["dtype"]]
-        entries.append(_Entry(key, list(info["shape"]), dtype if base_dtype.is_floating_point else base_dtype))
+        shape = list(info["shape"])
+        rows = plan.updates[key].rows if key in plan.updates else None
+        if rows is not None and rows > shape[0]:
+            shape[0] = rows
+        entries.append(_Entry(key, shape, dtype if base_dtype.is_floating_point else base_dtype))
     return entries
 
 
@@ -381,7 +413,8 @@ def stream_merge(
         (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     _write_config(model, base_dir, output_dir, dtype, plan.untie)
     merged_modules = sum(1 for u in plan.updates.values() if u.lora is not None)
-    return {"merged_modules": merged_modules, "replaced_tensors": len(plan.updates) - merged_modules, "shards": len(shards)}
+    replaced = sum(1 for u in plan.updates.values() if u.replacement is not None)
+    return {"merged_modules": merged_modules, "replaced_tensors": replaced, "shards": len(shards)}
 
 
 def _write_config(model: Any, base_dir: Path, output_dir: Path, dtype: torch.dtype, untie: bool) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from lightning_lora.export.tokens import resize_vocab
+
 __all__ = ["TOLERANCE", "default_probes", "verify_directory", "verify_export"]
 
 # Allowed max |merged - adapter| logit difference, relative to max(1, max |logit|), per export dtype.
@@ -61,6 +63,7 @@ def verify_export(
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    resize_vocab(base, merged.get_input_embeddings().weight.shape[0])  # a run that added tokens
     adapter = PeftModel.from_pretrained(base, adapter_dir).eval()
     if probes is None:
         tokenizer = AutoTokenizer.from_pretrained(merged_dir) if (merged_dir / "tokenizer_config.json").exists() else None

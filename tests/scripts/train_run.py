@@ -73,6 +73,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--out", required=True)
     parser.add_argument("--strategy", choices=["single", "ddp", "deepspeed"], default="single")
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--num-nodes", type=int, default=1, help="Trainer(num_nodes=...); launch one process per node yourself, e.g. with torchrun")
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--exclude-frozen", action="store_true")
@@ -89,6 +90,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="max_steps (the total, when resuming)")
     parser.add_argument("--resume-from", default=None, help="checkpoint to resume (ckpt_path of trainer.fit)")
     parser.add_argument("--record", action="store_true", help="write start.pt and finished.json (see above)")
+    parser.add_argument("--added-tokens", default="", help="comma-separated new tokens; every answer ends with one")
     return parser.parse_args()
 
 
@@ -97,19 +99,28 @@ def main() -> None:
     cpu_deepspeed_env()
     out = Path(args.out)
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+    added = args.added_tokens.split(",") if args.added_tokens else []
     lora = dict(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets,
                 modules_to_save=args.modules_to_save.split(",") if args.modules_to_save else None,
                 use_rslora=args.rslora, use_dora=args.dora)
     if args.user_module:
         module: L.LightningModule = UserModule(args.base, {**lora, "task_type": "CAUSAL_LM"})
     else:
-        module = LoraFinetuneModule(args.base, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), **lora)
+        module = LoraFinetuneModule(args.base, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+                                    added_tokens=added or None, **lora)
     data_file = out / "train.jsonl"
-    if "LOCAL_RANK" not in os.environ:  # the launching process writes; the ranks it starts read
+    if "LOCAL_RANK" not in os.environ or args.num_nodes > 1:
+        # The launching process writes; the ranks Lightning starts read. Processes started by an
+        # outside launcher (torchrun, one per node) each write the same rows, atomically.
         out.mkdir(parents=True, exist_ok=True)
-        data_file.write_text("".join(json.dumps(r) + "\n" for r in quickstart_rows("train")[:64]))
+        rows = quickstart_rows("train")[:64]
+        if added:  # the new tokens appear in the answers, so their embeddings are trained
+            rows = [{**row, "output": f"{row['output']} {added[i % len(added)]}"} for i, row in enumerate(rows)]
+        tmp = data_file.with_name(f".train-{os.getpid()}.jsonl")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.rename(data_file)
     data = InstructionDataModule(str(data_file), tokenizer=args.base, batch_size=4, val_split=0.125,
-                                 template="human_assistant", max_length=64)
+                                 template="human_assistant", max_length=64, added_tokens=added or None)
 
     if args.strategy == "deepspeed":
         strategy: object = CPUDeepSpeedStrategy(stage=args.stage, exclude_frozen_parameters=args.exclude_frozen)
@@ -122,7 +133,7 @@ def main() -> None:
     if args.record:
         callbacks.append(RecordStart(out / "start.pt"))
     trainer = L.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, precision=args.precision,
+        accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
         max_steps=args.steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, default_root_dir=str(out),
@@ -196,3 +207,10 @@ def _gather_trained(trainer: L.Trainer, module: L.LightningModule) -> dict[str, 
 
 if __name__ == "__main__":
     main()
+    # Everything is on disk now. Skip the interpreter's teardown: with gloo's (and, under torchrun,
+    # the rendezvous store's) C++ threads alive it aborts now and then after the work is done
+    # ("terminate called without an active exception", exit -6), seen with ZeRO-1 and two torchrun
+    # nodes even after destroy_process_group. The race is in PyTorch's teardown, not in the run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,128 @@
+"""Vocabulary and tokenizer consistency between training and export.
+
+- :func:`resize_vocab` grows the embeddings the same way in training and in the export, so that
+  rows no adapter tensor covers (e.g. an untrained ``lm_head`` row of a new token) are equal on
+  both sides: transformers' default resize draws new rows at random.
+- :func:`tokenizer_files` / :func:`write_tokenizer_files` carry the tokenizer a run trained with
+  (added tokens, chat template, pad token) inside its checkpoint to the export.
+- :func:`reconcile_special_ids` makes ``config.json``, ``generation_config.json`` and the
+  tokenizer agree on EOS, BOS and padding, so that a server stops where the model learned to.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "add_tokens",
+    "embedding_names",
+    "reconcile_special_ids",
+    "resize_vocab",
+    "tokenizer_files",
+    "write_tokenizer_files",
+]
+
+
+def embedding_names(model: torch.nn.Module) -> tuple[str, str | None]:
+    """Leaf names of the input and output embeddings (``embed_tokens``, ``lm_head``; ``wte``...)."""
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    output = model.get_output_embeddings()
+    return names[id(model.get_input_embeddings())], names[id(output)] if output is not None else None
+
+
+@torch.no_grad()
+def resize_vocab(model: Any, vocab_size: int) -> None:
+    """Grow the embeddings (and an untied head) of a Hugging Face model to ``vocab_size`` rows.
+
+    New rows are the mean of the old ones: deterministic, and a neutral start for a new token.
+    Works on the meta device (shapes only). Under DeepSpeed ZeRO-3 the caller must hold the
+    embeddings gathered.
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size == old:
+        return
+    if vocab_size < old:
+        raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size} rows")
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:
+        matrices.append(output.weight)
+    for weight in matrices:
+        if weight.device.type != "meta":
+            weight[old:] = weight[:old].float().mean(dim=0).to(weight.dtype)
+
+
+def tokenizer_files(tokenizer: Any) -> dict[str, str]:
+    """The files ``tokenizer.save_pretrained`` writes, by name: a tokenizer as checkpoint data."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {path.name: path.read_text(encoding="utf-8") for path in sorted(Path(tmp).iterdir()) if path.is_file()}
+
+
+def write_tokenizer_files(files: dict[str, str], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / Path(name).name).write_text(text, encoding="utf-8")
+
+
+def reconcile_special_ids(merged_dir: Path) -> list[str]:
+    """Make ``config.json`` and ``generation_config.json`` agree with the tokenizer in ``merged_dir``.
+
+    The tokenizer is the one the run trained with, so its EOS is the token every response was
+    trained to end with: generation must stop on it (other EOS ids the base listed are kept), and
+    BOS and padding are the tokenizer's. Returns what was changed, one line each.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    vocab_size = json.loads((merged_dir / "config.json").read_text()).get("vocab_size")
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        from lightning_lora.export.merge import ExportError
+
+        raise ExportError(
+            f"the tokenizer has {len(tokenizer)} tokens but the merged model embeds only {vocab_size}: "
+            "the run added tokens the checkpoint does not record, or --tokenizer is not the one it trained with"
+        )
+    wanted = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    changes = []
+    for file in ("config.json", "generation_config.json"):
+        path = merged_dir / file
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        for key, value in wanted.items():
+            if value is None:
+                continue
+            current = data.get(key)
+            if key == "eos_token_id" and isinstance(current, list):
+                if value in current:
+                    continue
+                new = [value, *current]
+            elif current == value:
+                continue
+            else:
+                new = value
+            data[key] = new
+            changes.append(f"{file}: {key} {current!r} -> {new!r} (the tokenizer's)")
+        if any(change.startswith(f"{file}:") for change in changes):
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return changes
+
+
+def add_tokens(tokenizer: Any, tokens: list[str], key: str) -> list[int]:
+    """Add ``tokens`` to ``tokenizer`` as whole, never-split tokens; returns their ids.
+
+    Training and data loading both call this with the same list, so the ids agree. ``key`` is the
+    setting that named the tokens, for errors.
+    """
+    bad = [token for token in tokens if not isinstance(token, str) or not token.strip()]
+    if bad or len(set(tokens)) != len(tokens):
+        raise ValueError(f"{key}={tokens!r} must be distinct, non-blank strings")
+    tokenizer.add_tokens(tokens, special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(tokens)
