@@ -12,13 +12,15 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from typing_extensions import override
 
+from lightning_lora.batching import PACKING_MODEL_TYPES, TrainingBatchSampler, collate_packed, padded
 from lightning_lora.export.tokens import add_tokens
-from lightning_lora.tiny import resolve_model_path
 from lightning_lora.templates import TEMPLATES, TemplateName, render_alpaca, render_messages
+from lightning_lora.tiny import resolve_model_path
 
-__all__ = ["InstructionDataModule", "read_records", "Example", "encode_example", "collate"]
+__all__ = ["Example", "InstructionDataModule", "collate", "encode_example", "read_records"]
 
 IGNORE_INDEX = -100
 DataFormat = Literal["auto", "alpaca", "messages", "text"]
@@ -151,7 +153,30 @@ class InstructionDataModule(L.LightningDataModule):
             (``Human: ...\\n\\nAssistant: ``), ``plain``, or ``chat_template`` (the tokenizer's).
             ``messages`` rows always use the tokenizer's chat template when it has one.
         max_length: examples longer than this many tokens are cut (the count is logged).
-        batch_size: examples per batch and device.
+        batch_size: examples per batch and device (``max_tokens_per_batch`` replaces it for training).
+        group_by_length: batch training examples of similar length together, so that batches need
+            little padding. The examples are shuffled, sorted by padded length within windows of
+            50 batches, and the batches are shuffled, every epoch anew (seeded by ``seed`` and the
+            epoch), so each epoch still sees the examples in new company and order. Every rank
+            gets the same number of batches of disjoint examples. Batches of one length are less
+            varied than random ones, which can cost a little quality where length goes with the
+            kind of task; with ``packing``, ``group_by_length=false`` keeps random batches and
+            still drops most padding. Validation batches keep the file order.
+        max_tokens_per_batch: a token budget per batch and device instead of ``batch_size``: each
+            training batch holds as many examples of similar length as fit in this many padded
+            tokens (examples times the longest, rounded up to ``pad_to_multiple_of``); batches of
+            short examples are large, of long ones small. Must be at least ``max_length`` (rounded
+            up to ``pad_to_multiple_of``), so every example fits. Needs ``group_by_length``.
+            When the number of batches is not a multiple of the number of ranks, the largest
+            batches are split in two, so no example is dropped or repeated.
+        packing: pack each training batch's examples into as few rows of ``max_length`` tokens
+            as possible, without padding between them. The batch holds the same examples as
+            without packing and each example attends only to itself (``position_ids`` restart
+            per example, no ``attention_mask``), so the loss is the same and only the padding
+            goes. Needs a model type whose attention supports it (Llama, Mistral, Qwen2/3,
+            Gemma, Phi, GPT-2 and others: see ``lightning_lora.batching.PACKING_MODEL_TYPES``);
+            it is checked against the ``config.json`` beside ``tokenizer``. Validation batches
+            are not packed.
         val_split: fraction of ``data_path`` held out for validation (ignored with ``val_data_path``).
         val_data_path: a separate validation file, read like ``data_path``.
         train_on_prompt: also compute the loss on the prompt tokens.
@@ -171,6 +196,9 @@ class InstructionDataModule(L.LightningDataModule):
         template: TemplateName = "alpaca",
         max_length: int = 512,
         batch_size: int = 8,
+        group_by_length: bool = True,
+        max_tokens_per_batch: int | None = None,
+        packing: bool = False,
         val_split: float = 0.05,
         val_data_path: str | None = None,
         train_on_prompt: bool = False,
@@ -193,6 +221,18 @@ class InstructionDataModule(L.LightningDataModule):
         for name, value in (("max_length", max_length), ("batch_size", batch_size), ("pad_to_multiple_of", pad_to_multiple_of)):
             if value < 1:
                 raise ValueError(f"data.{name}={value!r} must be >= 1")
+        if max_tokens_per_batch is not None:
+            if max_tokens_per_batch < padded(max_length, pad_to_multiple_of):
+                raise ValueError(
+                    f"data.max_tokens_per_batch={max_tokens_per_batch!r} must be at least data.max_length="
+                    f"{max_length} rounded up to data.pad_to_multiple_of={pad_to_multiple_of}, so that the "
+                    "longest example fits in a batch"
+                )
+            if not group_by_length:
+                raise ValueError(
+                    f"data.max_tokens_per_batch={max_tokens_per_batch!r} needs data.group_by_length=true: "
+                    "a token budget fills batches with examples of similar length"
+                )
         self.save_hyperparameters()
         self.data_path = data_path
         self.tokenizer_name = tokenizer
@@ -200,6 +240,9 @@ class InstructionDataModule(L.LightningDataModule):
         self.template = template
         self.max_length = max_length
         self.batch_size = batch_size
+        self.group_by_length = group_by_length
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.packing = packing
         self.val_split = val_split
         self.val_data_path = val_data_path
         self.train_on_prompt = train_on_prompt
@@ -232,6 +275,8 @@ class InstructionDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return  # tokenized already; setup runs once per stage
         self.tokenizer = self.load_tokenizer()
+        if self.packing:
+            self.check_packing_support()
         # Rows keep their position in the file, so that errors can point at the right one.
         rows = list(enumerate(read_records(self.data_path)))
         if self.val_data_path is not None:
@@ -276,7 +321,8 @@ class InstructionDataModule(L.LightningDataModule):
                 prompt, response, self.tokenizer, self.max_length, self.train_on_prompt, self.add_eos
             )
             truncated += was_truncated
-            if all(label == IGNORE_INDEX for label in example["labels"]):
+            # The first label is never a target: each token predicts the next one.
+            if all(label == IGNORE_INDEX for label in example["labels"][1:]):
                 dropped += 1  # the prompt alone filled max_length: no response token to learn from
                 continue
             examples.append(example)
@@ -287,28 +333,67 @@ class InstructionDataModule(L.LightningDataModule):
             )
         return examples
 
-    def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            examples,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-        )
+    def check_packing_support(self) -> None:
+        """Fail unless the model's attention keeps packed examples apart (see ``data.packing``)."""
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(resolve_model_path(self.tokenizer_name)).model_type
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"data.packing=true needs the model's config.json to check that its attention keeps packed "
+                f"examples apart, and data.tokenizer={self.tokenizer_name!r} has none: {err}"
+            ) from err
+        if model_type not in PACKING_MODEL_TYPES:
+            raise ValueError(
+                f"data.packing=true is not supported for model type {model_type!r} (data.tokenizer="
+                f"{self.tokenizer_name!r}): its attention would let packed examples attend to each other; "
+                f"set data.packing=false (supported model types: {sorted(PACKING_MODEL_TYPES)})"
+            )
 
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         return collate(examples, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
+    def collate_train(self, examples: Sequence[Example]) -> dict[str, Any]:
+        if self.packing:
+            return collate_packed(examples, self.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
+        return self.collate(examples)
+
+    def _replicas(self) -> dict[str, int]:
+        """How many ranks share the training data and which one this is, as Lightning's strategy says
+        (one rank without a trainer)."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if kwargs is None:
+            return {"num_replicas": 1, "rank": 0}
+        return {"num_replicas": kwargs["num_replicas"], "rank": kwargs["rank"]}
+
     @override
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_examples, shuffle=True)
+        # Made here, in the hook, so that under DDP and DeepSpeed Lightning can rebuild the batch
+        # sampler around its own DistributedSampler (see TrainingBatchSampler).
+        batch_sampler = TrainingBatchSampler(
+            DistributedSampler(self.train_examples, **self._replicas()),
+            self.batch_size,
+            [len(e["input_ids"]) for e in self.train_examples],
+            max_tokens=self.max_tokens_per_batch,
+            group_by_length=self.group_by_length,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            seed=self.seed,
+        )
+        return DataLoader(
+            self.train_examples,
+            batch_sampler=batch_sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_train,
+        )
+
+    def _eval_loader(self, examples: list[Example]) -> DataLoader:
+        return DataLoader(examples, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate)
 
     @override
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_examples, shuffle=False)
+        return self._eval_loader(self.val_examples)
 
     @override
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_examples, shuffle=False)
+        return self._eval_loader(self.val_examples)

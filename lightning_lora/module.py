@@ -302,7 +302,8 @@ class LoraFinetuneModule(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, torch.Tensor], loss_metric: MeanMetric, accuracy_metric: MeanMetric) -> None:
         """Accumulate per-token loss and next-token accuracy over the response tokens."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Every input but the labels: a packed batch has position_ids and no attention_mask.
+        logits = self.model(**{key: value for key, value in batch.items() if key != "labels"}).logits
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
         if not mask.any():

@@ -462,7 +462,13 @@ def test_pad_to_multiple_of_is_respected(tmp_path: Path, llama_base: Path) -> No
 
 
 def _order(dm: InstructionDataModule, loader: Any | None = None) -> list[list[int]]:
-    return [row for batch in (loader or dm.train_dataloader()) for row in batch["input_ids"].tolist()]
+    """The training examples in the order the loader yields them, without their padding (which
+    depends on the company an example keeps in its batch)."""
+    return [
+        row[mask.bool()].tolist()
+        for batch in (loader or dm.train_dataloader())
+        for row, mask in zip(batch["input_ids"], batch["attention_mask"])
+    ]
 
 
 def test_training_shuffle_is_reproducible_for_a_seed(tmp_path: Path, llama_base: Path) -> None:

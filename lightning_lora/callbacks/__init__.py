@@ -1,5 +1,6 @@
 """Callbacks, importable from YAML as ``lightning_lora.callbacks.NAME``."""
 
 from lightning_lora.callbacks.hf_export import HFExport
+from lightning_lora.callbacks.throughput import TokenThroughput
 
-__all__ = ["HFExport"]
+__all__ = ["HFExport", "TokenThroughput"]

@@ -1,0 +1,221 @@
+"""How training examples become batches: which examples go together, and how they are packed.
+
+:class:`TrainingBatchSampler` chooses the examples of every batch (length grouping, a token budget,
+the share of each rank); :func:`collate_packed` lays one batch's examples out in as few rows as
+possible without letting them see each other; :func:`count_tokens` tells real tokens from padding
+in either layout.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler
+from torch.utils.data.distributed import DistributedSampler
+from typing_extensions import override
+
+__all__ = ["PACKING_MODEL_TYPES", "TrainingBatchSampler", "collate_packed", "count_tokens"]
+
+IGNORE_INDEX = -100
+# Length grouping sorts windows of this many batches: enough to find similar lengths, small enough
+# that batch composition still changes from epoch to epoch (Hugging Face's megabatches).
+_BATCHES_PER_WINDOW = 50
+# Model types whose attention builds the block-diagonal mask of packed rows from ``position_ids``
+# (transformers' ``create_causal_mask``): checked with a tiny random model of each type on
+# transformers 4.56 and 5.24, packed logits equal to those of each example run alone.
+# ``tests/test_batching.py`` checks them all against the installed transformers. Absent on
+# purpose: bloom, mpt, opt (their masks ignore position ids), qwen2_moe, gptj, stablelm (they
+# leak on 4.56), and every type not checked.
+PACKING_MODEL_TYPES = frozenset({
+    "cohere", "gemma", "gemma2", "gemma3_text", "glm", "gpt2", "gpt_bigcode", "gpt_neox", "llama",
+    "mistral", "mixtral", "olmo2", "phi", "phi3", "qwen2", "qwen3", "qwen3_moe", "smollm3", "starcoder2",
+})
+
+
+def padded(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``."""
+    return -(-length // multiple) * multiple
+
+
+class TrainingBatchSampler(BatchSampler):
+    """Yields, for one rank, the lists of example indices that make its training batches.
+
+    Every epoch the examples are shuffled (seeded by ``seed`` and the epoch, the same on every
+    rank), grouped into batches, the batch order is shuffled, and the batches are dealt to the
+    ranks in turn, so ranks train disjoint examples. Lengths are compared after padding (rounded
+    up to ``pad_to_multiple_of``): examples that pad to the same length cost the same, so among
+    them the company stays random, which keeps batches as varied as the padding allows.
+
+    - Fixed size (``max_tokens=None``): the shuffled examples are cut into windows of 50 batches;
+      with ``group_by_length`` each window is sorted by length before it is cut into batches, so
+      a batch holds examples of similar length and little padding.
+    - Token budget: all examples are sorted by length (equal lengths in shuffled order) and each
+      batch takes as many as fit in ``max_tokens`` padded tokens (count times the longest).
+      Batches therefore depend on the lengths only, and their number is the same every epoch,
+      which Lightning's step count and LR schedule rely on; the batch order and which
+      equal-length examples go together change (fairseq's ``batch_by_size``).
+
+    Every rank must get the same number of batches, or the ranks that finish first would wait
+    forever in the next gradient all-reduce. When the batch count is not a multiple of the number
+    of ranks the batch with the most examples is split in two until it is, so no example is
+    repeated or dropped; only when every batch holds a single example are batches repeated.
+
+    The ranks and the epoch come from ``sampler``, a ``DistributedSampler`` over the examples
+    (its own order is not used). That is the contract Lightning keeps with a batch sampler made
+    in a ``*_dataloader`` hook: under DDP or DeepSpeed it rebuilds it around its own
+    ``DistributedSampler`` (same ranks), and at the start of every epoch its fit loop calls
+    ``set_epoch`` on ``batch_sampler.sampler``. (DeepSpeed also reads ``batch_sampler.batch_size``,
+    which is why this is a ``BatchSampler``.) Without ``set_epoch`` each pass takes the next epoch
+    (0, 1, 2, ...), like a shuffling ``DataLoader``.
+
+    Args:
+        sampler: says how many ranks share the examples (``num_replicas``), which one this is
+            (``rank``) and the epoch.
+        batch_size: examples per batch (ignored with ``max_tokens``).
+        lengths: the length in tokens of every example.
+        max_tokens: the token budget of a batch instead of a fixed size; at least the padded
+            length of the longest example.
+        group_by_length: batch examples of similar length together (always, with ``max_tokens``).
+        pad_to_multiple_of: the padding of the collate function.
+        seed: seed of the shuffles.
+    """
+
+    def __init__(
+        self,
+        sampler: DistributedSampler,
+        batch_size: int,
+        lengths: Sequence[int],
+        max_tokens: int | None = None,
+        group_by_length: bool = True,
+        pad_to_multiple_of: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.lengths = [padded(n, pad_to_multiple_of) for n in lengths]
+        if max_tokens is not None and max_tokens < max(self.lengths, default=0):
+            raise ValueError(f"max_tokens={max_tokens} is less than the padded length of the longest example")
+        self.max_tokens = max_tokens
+        self.group_by_length = group_by_length
+        self.seed = seed
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch``, in training order."""
+        rng = random.Random(f"{self.seed}:{epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        if self.max_tokens is None:
+            batches = self._fixed_size(order)
+        else:
+            order.sort(key=self.lengths.__getitem__)  # stable: equal lengths stay shuffled
+            batches = self._token_budget(order)
+        batches = _even_out(batches, self.sampler.num_replicas)
+        rng.shuffle(batches)
+        return batches[self.sampler.rank :: self.sampler.num_replicas]
+
+    def _fixed_size(self, order: list[int]) -> list[list[int]]:
+        window = self.batch_size * _BATCHES_PER_WINDOW if self.group_by_length else len(order)
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            if self.group_by_length:
+                chunk.sort(key=self.lengths.__getitem__)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        return batches
+
+    def _token_budget(self, ascending: list[int]) -> list[list[int]]:
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        for index in ascending:
+            # Ascending order: the new example is the longest, so it sets the batch's padded length.
+            if batch and (len(batch) + 1) * self.lengths[index] > self.max_tokens:
+                batches.append(batch)
+                batch = []
+            batch.append(index)
+        return batches + [batch] if batch else batches
+
+    @override
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.sampler.epoch
+        self.sampler.set_epoch(epoch + 1)  # the next pass differs unless set_epoch says otherwise
+        return iter(self.batches(epoch))
+
+    @override
+    def __len__(self) -> int:
+        return len(self.batches(self.sampler.epoch))
+
+
+def _even_out(batches: list[list[int]], replicas: int) -> list[list[int]]:
+    """Make the number of batches a multiple of ``replicas`` (see :class:`TrainingBatchSampler`)."""
+    while len(batches) % replicas:
+        i = max(range(len(batches)), key=lambda j: len(batches[j]))
+        if len(batches[i]) == 1:
+            missing = replicas - len(batches) % replicas
+            return batches + [batches[j % len(batches)] for j in range(missing)]
+        half = len(batches[i]) // 2
+        batches[i : i + 1] = [batches[i][:half], batches[i][half:]]
+    return batches
+
+
+def collate_packed(
+    examples: Sequence[Mapping[str, list[int]]], pad_token_id: int, row_length: int, pad_to_multiple_of: int = 8
+) -> dict[str, Any]:
+    """Pack a batch's examples into as few rows of at most ``row_length`` tokens as possible.
+
+    Rows are filled first-fit, longest example first. Each example's ``position_ids`` restart at
+    0 and there is no ``attention_mask``: from that, transformers builds a causal mask that is
+    block-diagonal per example, so no example attends to another and every example's logits are
+    those it gets alone. The first label of every example is ``-100``, so the last token of one
+    example is not trained to predict the next one's first token; the loss is then over exactly
+    the tokens of the unpacked batch. Padding at the end of a row has position id 0 at every token:
+    each padding token is a sequence of its own and attends to nothing else, and a row's real
+    tokens end at its last position id above 0 (:func:`count_tokens`); examples have 2 tokens at
+    least, since a 1-token example has nothing to learn. ``use_cache=False`` is part of the batch:
+    with a cache, transformers does not look for packed sequences and the examples would see each
+    other.
+    """
+    rows: list[list[Mapping[str, list[int]]]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True):
+        n = len(example["input_ids"])
+        row = next((i for i, free in enumerate(room) if free >= n), None)
+        if row is None:
+            rows.append([])
+            room.append(row_length)
+            row = len(rows) - 1
+        rows[row].append(example)
+        room[row] -= n
+    width = padded(row_length - min(room), pad_to_multiple_of)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row_examples in enumerate(rows):
+        start = 0
+        for example in row_examples:
+            n = len(example["input_ids"])
+            input_ids[r, start : start + n] = torch.tensor(example["input_ids"])
+            labels[r, start + 1 : start + n] = torch.tensor(example["labels"][1:])
+            position_ids[r, start : start + n] = torch.arange(n)
+            start += n
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}
+
+
+def count_tokens(batch: Mapping[str, Any]) -> tuple[int, int]:
+    """All tokens of a batch's ``input_ids`` and the real ones among them (padding excluded).
+
+    Real tokens are those of the ``attention_mask`` when there is one; in a packed batch
+    (``position_ids``, no mask) those up to each row's last position id above 0
+    (:func:`collate_packed`); otherwise all tokens. ``input_ids != pad_token_id`` would not do:
+    the pad token is often the EOS token, which real examples end with.
+    """
+    input_ids = batch["input_ids"]
+    total = input_ids.numel()
+    if batch.get("attention_mask") is not None:
+        return total, int(batch["attention_mask"].sum())
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        return total, total
+    ends = torch.arange(1, position_ids.shape[-1] + 1, device=position_ids.device) * (position_ids > 0)
+    return total, int(ends.amax(dim=-1).sum())
