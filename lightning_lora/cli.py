@@ -1,5 +1,6 @@
 """The ``lightning-lora`` command: LightningCLI's ``fit|validate|test|predict`` on our module and data,
-and ``export``, which turns a finished checkpoint into a PEFT adapter and a merged model."""
+``export``, which turns a finished checkpoint into a PEFT adapter and a merged model, and ``generate`` /
+``evaluate``, which use the result."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from typing import Any
 
-__all__ = ["export_main", "main", "verify_main"]  # LightningLoraCLI: see __getattr__
+__all__ = ["evaluate_main", "export_main", "generate_main", "main", "verify_main"]  # LightningLoraCLI: see __getattr__
 
 
 def __getattr__(name: str) -> Any:
@@ -27,14 +28,18 @@ def __getattr__(name: str) -> Any:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lightning-lora`` and ``python -m lightning_lora``.
 
-    ``export`` and ``verify`` are our own subcommands; everything else (``fit``, ``validate``, ``test``,
-    ``predict``) is LightningCLI's.
+    ``export``, ``verify``, ``generate`` and ``evaluate`` are our own subcommands; everything else
+    (``fit``, ``validate``, ``test``, ``predict``) is LightningCLI's.
     """
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["export"]:
         sys.exit(export_main(args[1:]))
     if args[:1] == ["verify"]:
         sys.exit(verify_main(args[1:]))
+    if args[:1] == ["generate"]:
+        sys.exit(generate_main(args[1:]))
+    if args[:1] == ["evaluate"]:
+        sys.exit(evaluate_main(args[1:]))
     from lightning_lora.lightning_cli import run_lightning_cli
 
     run_lightning_cli(argv)
@@ -162,3 +167,170 @@ def verify_main(argv: list[str]) -> int:
         line += f"; merged vs adapter max |logit diff| {report['logits']['max_abs_logit_diff']:.2e}"
     print(line)
     return 0
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the model comes from and how it runs: shared by ``generate`` and ``evaluate``."""
+    from lightning_lora.templates import TEMPLATES
+
+    parser.add_argument("--model", help="a merged model directory, or the base model of --adapter "
+                        "(a directory, builtin:tiny-llama or a hub id)")
+    parser.add_argument("--template", default="alpaca", choices=TEMPLATES,
+                        help="prompt format the model was trained with, as data.template (default: alpaca)")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), fp32, bf16 or fp16")
+    parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts or examples per forward pass (default: 8)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-lora generate",
+        description="Generate answers with a merged model, or with a base model plus one or more LoRA adapters, "
+        "prompting in the training template. Several adapters share one base; --adapter-name picks the one "
+        "that generates, --no-adapter generates with the base model.",
+    )
+    _model_arguments(parser)
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="PEFT adapter directory to load onto --model, repeatable; named NAME, else by its directory name")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--adapter-name", help="which loaded adapter generates (default: the first --adapter)")
+    choice.add_argument("--no-adapter", action="store_true", help="generate with the adapters disabled (the base model)")
+    parser.add_argument("--prompt", help="an instruction, rendered in --template")
+    parser.add_argument("--input", default="", help="the Alpaca 'input' of --prompt (e.g. the word to reverse)")
+    parser.add_argument("--prompts", help="a .txt file (one instruction per line) or a .jsonl/.json/.parquet file "
+                        "of alpaca or messages rows, as in training (a trailing assistant answer is left out)")
+    parser.add_argument("--raw", action="store_true", help="feed --prompt / the .txt lines to the model as they are")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (with --do-sample; default 1.0)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass (with --do-sample; default 1.0)")
+    parser.add_argument("--seed", type=int, help="seed of --do-sample")
+    parser.add_argument("--json", action="store_true", help='print a JSON list of {"prompt", "output", "adapter"}')
+    return parser
+
+
+def _fail(command: str, err: BaseException, debug: bool) -> int:
+    """One line on stderr (a library's multi-line message folded), the traceback only with --debug."""
+    if debug:
+        traceback.print_exc()
+    print(f"lightning-lora {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 1
+
+
+def _quiet(debug: bool) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not debug:
+        import warnings
+
+        warnings.simplefilter("ignore", FutureWarning)  # third-party deprecations are not the user's concern
+        hf_logging.set_verbosity_error()
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    if not args.model:
+        raise ValueError("--model is required: a merged model directory, or the base model of --adapter")
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("pass exactly one of --prompt TEXT and --prompts FILE")
+    if args.input and args.prompt is None:
+        raise ValueError(f"--input={args.input!r} completes --prompt, which is missing")
+    if args.input and args.raw:
+        raise ValueError(f"--input={args.input!r} is rendered by --template, which --raw skips")
+    for name in ("temperature", "top_p", "seed"):
+        if getattr(args, name) is not None and not args.do_sample:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} applies only with --do-sample")
+
+
+def generate_main(argv: list[str]) -> int:
+    """``lightning-lora generate``: print the model's answers; returns the exit code."""
+    args = _generate_parser().parse_args(argv)
+    try:
+        _check_generate_args(args)
+        _quiet(args.debug)
+        from lightning_lora import inference
+
+        model, tokenizer = inference.load_for_generation(args.model, args.adapter, dtype=args.dtype, device=args.device)
+        if args.prompt is not None:
+            row = {"instruction": args.prompt, "input": args.input}
+            prompts = [inference.render_prompt(args.prompt if args.raw else row, args.template, tokenizer, args.raw)]
+        else:
+            prompts = inference.read_prompts(args.prompts, args.template, tokenizer, args.raw)
+        outputs = inference.generate(
+            model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed,
+            adapter=args.adapter_name, disable_adapters=args.no_adapter, batch_size=args.batch_size,
+        )
+        adapter = inference.active_adapter(model, args.no_adapter)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        return _fail("generate", err, args.debug)
+    if args.json:
+        import json
+
+        rows = [{"prompt": p, "output": o, "adapter": adapter} for p, o in zip(prompts, outputs)]
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join(outputs))  # one answer per prompt, a blank line apart (--json to parse them)
+    return 0
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-lora evaluate",
+        description="Score a model on held-out data as training's validation does (loss, perplexity and "
+        "token accuracy over the response tokens), plus exact match of greedy answers; prints JSON.",
+    )
+    _model_arguments(parser)
+    parser.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory to load onto --model")
+    parser.add_argument("--data", help="a .json/.jsonl/.parquet file or a datasets directory of rows, as data.data_path")
+    parser.add_argument("--format", default="auto", help="auto (from the first row), alpaca, messages or text")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per example, longer ones are cut (default: 512)")
+    parser.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=None,
+                        help="compare greedy answers with the references (default: on when every reference answer "
+                        "is at most 32 tokens)")
+    parser.add_argument("--max-new-tokens", type=int, help="exact-match answer length (default: longest reference + 8)")
+    parser.add_argument("--output", help="also write the JSON to this file")
+    return parser
+
+
+def evaluate_main(argv: list[str]) -> int:
+    """``lightning-lora evaluate``: print the metrics as JSON; returns the exit code."""
+    args = _evaluate_parser().parse_args(argv)
+    try:
+        if not args.model:
+            raise ValueError("--model is required: a merged model directory, or the base model of --adapter")
+        if not args.data:
+            raise ValueError("--data is required: the file of rows to score")
+        if not Path(args.data).exists():
+            raise ValueError(f"--data={args.data!r} does not exist")
+        _quiet(args.debug)
+        from lightning_lora import evaluation, inference
+
+        adapters = [args.adapter] if args.adapter else []
+        model, tokenizer = inference.load_for_generation(args.model, adapters, dtype=args.dtype, device=args.device)
+        metrics = evaluation.evaluate(
+            model, tokenizer, args.data, format=args.format, template=args.template, max_length=args.max_length,
+            batch_size=args.batch_size, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens,
+        )
+        report = {"model": args.model, "adapter": args.adapter, "data": args.data, **metrics}
+        text = _write_json(report, args.output)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        return _fail("evaluate", err, args.debug)
+    print(text)
+    return 0
+
+
+def _write_json(report: dict, output: str | None) -> str:
+    """The report as JSON text, also written to ``output`` (whole, through a temporary sibling)."""
+    import json
+
+    text = json.dumps(report, indent=2)
+    if output:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(path)
+    return text
