@@ -194,7 +194,8 @@ def test_packed_batches_hold_the_same_examples_laid_out_apart(
     assert len(plain_batches) == len(packed_batches)
     fewer_rows = 0
     for unpacked, batch in zip(plain_batches, packed_batches):
-        assert set(batch) == {"input_ids", "labels", "position_ids", "use_cache"} and batch["use_cache"] is False
+        assert set(batch) == {"input_ids", "labels", "position_ids", "use_cache", "num_items_in_batch"}
+        assert batch["use_cache"] is False and batch["num_items_in_batch"] == unpacked["num_items_in_batch"]
         width = batch["input_ids"].shape[1]
         assert width % 8 == 0 and width <= padded(packed.max_length, 8)
         got = []
@@ -399,7 +400,7 @@ def test_packed_training_through_a_lightning_trainer(
     assert set_by_lightning == [(0, 0), (1, 1), (2, 2)]  # Lightning's set_epoch reaches our sampler
     assert passes == [0, 1, 2]  # and every epoch draws its own batches
     assert len(record.losses) == 9 and all(torch.isfinite(torch.tensor(record.losses)))
-    assert all(keys == {"input_ids", "labels", "position_ids", "use_cache"} for keys in record.model_inputs)
+    assert all(keys == {"input_ids", "labels", "position_ids", "use_cache", "num_items_in_batch"} for keys in record.model_inputs)
     assert sum(record.losses[-3:]) < sum(record.losses[:3])
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
 
@@ -424,3 +425,33 @@ def test_lightning_ddp_rebuilds_the_batch_sampler_with_its_ranks_and_settings(tm
     for epoch in range(2):
         assert batch_sampler.batches(epoch) == loader.batch_sampler.batches(epoch)  # same settings, same seed
     assert batch_sampler.batches(0) == epoch_indices(dm, 0, rank=0, replicas=2)
+
+
+def test_token_weighted_loss_weighs_every_response_token_of_the_epoch_alike(tmp_path: Path, llama_base: Path) -> None:
+    """Grouped batches hold different numbers of loss tokens. With token_weighted_loss (the default) the
+    mean of the epoch's step losses is the mean loss over all its response tokens, computed here from
+    each example alone; dividing each batch by its own count, it is not."""
+    from transformers import AutoModelForCausalLM
+
+    rows = varied_rows(40)
+    model = AutoModelForCausalLM.from_pretrained(llama_base, dtype=torch.float32).eval()
+    weighted = make_dm(tmp_path, llama_base, rows, batch_size=8)
+    total, count = torch.zeros(()), 0
+    with torch.no_grad():
+        for example in weighted.train_examples:
+            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+            targets = torch.tensor(example["labels"][1:])
+            mask = targets != IGNORE
+            total += F.cross_entropy(logits[mask], targets[mask], reduction="sum")
+            count += int(mask.sum())
+        batches = epoch_batches(weighted, 0)
+        for batch in batches:
+            assert float(batch["num_items_in_batch"]) == pytest.approx(count / len(batches))
+        epoch_mean = torch.stack([model(**b).loss for b in batches]).mean()
+        torch.testing.assert_close(epoch_mean, total / count, rtol=1e-5, atol=1e-5)
+
+        per_batch = make_dm(tmp_path, llama_base, rows, batch_size=8, token_weighted_loss=False)
+        plain_batches = epoch_batches(per_batch, 0)
+        assert "num_items_in_batch" not in plain_batches[0]
+        plain_mean = torch.stack([model(**b).loss for b in plain_batches]).mean()
+    assert abs(float(plain_mean - total / count)) > 1e-3

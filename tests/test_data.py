@@ -629,8 +629,8 @@ def test_auto_format_on_unknown_fields_names_the_key(tmp_path: Path, llama_base:
 def test_batch_tensors_are_long(tmp_path: Path, llama_base: Path) -> None:
     dm = make_dm(write_jsonl(tmp_path / "rows.jsonl", TEXT_ROWS), llama_base, batch_size=3)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    assert all(t.dtype == torch.long for t in batch.values())
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "num_items_in_batch"}
+    assert all(batch[key].dtype == torch.long for key in ("input_ids", "attention_mask", "labels"))
 
 
 def test_max_length_that_leaves_no_example_fails_before_training(tmp_path: Path, llama_base: Path) -> None:
