@@ -157,11 +157,10 @@ class InstructionDataModule(L.LightningDataModule):
         group_by_length: batch training examples of similar length together, so that batches need
             little padding. The examples are shuffled, sorted by padded length within windows of
             50 batches, and the batches are shuffled, every epoch anew (seeded by ``seed`` and the
-            epoch), so each epoch still sees the examples in new company and order. Every rank
-            gets the same number of batches of disjoint examples. Batches of one length are less
-            varied than random ones, which can cost a little quality where length goes with the
-            kind of task; with ``packing``, ``group_by_length=false`` keeps random batches and
-            still drops most padding. Validation batches keep the file order.
+            epoch). Off by default: batches of one length train worse than random ones (measured
+            on benchmarks/train_throughput.py: 9-25 % higher held-out loss after the same steps),
+            and packing removes the padding without changing the batches. Every rank gets the same
+            number of batches of disjoint examples either way. Validation batches keep the file order.
         max_tokens_per_batch: a token budget per batch and device instead of ``batch_size``: each
             training batch holds as many examples of similar length as fit in this many padded
             tokens (examples times the longest, rounded up to ``pad_to_multiple_of``); batches of
@@ -174,15 +173,16 @@ class InstructionDataModule(L.LightningDataModule):
             without packing and each example attends only to itself (``position_ids`` restart
             per example, no ``attention_mask``), so the loss is the same and only the padding
             goes. Needs a model type whose attention supports it (Llama, Mistral, Qwen2/3,
-            Gemma, Phi, GPT-2 and others: see ``lightning_lora.batching.PACKING_MODEL_TYPES``);
-            it is checked against the ``config.json`` beside ``tokenizer``. Validation batches
-            are not packed.
+            Gemma, Phi, GPT-2 and others: see ``lightning_lora.batching.PACKING_MODEL_TYPES``),
+            read from the ``config.json`` beside ``tokenizer``. ``auto`` (the default) packs when
+            the model type supports it and pads otherwise; ``true`` fails for other types.
+            Validation batches are not packed.
         token_weighted_loss: every response token of an epoch weighs the same in training: a batch's
             summed token loss is divided by the mean number of loss tokens per batch over the epoch
             (Hugging Face's ``num_items_in_batch``), not by its own count. With batches grouped by
             length, dividing by its own count would give each token of a batch of short examples
             more weight than a token of a batch of long ones, a different objective from random
-            batches (measured: about 9 % higher held-out loss on the throughput benchmark). The
+            batches. The
             logged ``train_loss`` of a step is then that sum over the mean count; its epoch mean is
             the token-weighted mean loss.
         val_split: fraction of ``data_path`` held out for validation (ignored with ``val_data_path``).
@@ -204,9 +204,9 @@ class InstructionDataModule(L.LightningDataModule):
         template: TemplateName = "alpaca",
         max_length: int = 512,
         batch_size: int = 8,
-        group_by_length: bool = True,
+        group_by_length: bool = False,
         max_tokens_per_batch: int | None = None,
-        packing: bool = False,
+        packing: bool | Literal["auto"] = "auto",
         token_weighted_loss: bool = True,
         val_split: float = 0.05,
         val_data_path: str | None = None,
@@ -251,7 +251,10 @@ class InstructionDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.group_by_length = group_by_length
         self.max_tokens_per_batch = max_tokens_per_batch
+        if packing not in (True, False, "auto"):
+            raise ValueError(f"data.packing={packing!r} is not one of [true, false, 'auto']")
         self.packing = packing
+        self.pack = False  # decided in setup (resolve_packing)
         self.token_weighted_loss = token_weighted_loss
         self.loss_tokens_per_batch: float | None = None  # set by train_dataloader
         self.val_split = val_split
@@ -286,8 +289,7 @@ class InstructionDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return  # tokenized already; setup runs once per stage
         self.tokenizer = self.load_tokenizer()
-        if self.packing:
-            self.check_packing_support()
+        self.pack = self.resolve_packing()
         # Rows keep their position in the file, so that errors can point at the right one.
         rows = list(enumerate(read_records(self.data_path)))
         if self.val_data_path is not None:
@@ -344,29 +346,38 @@ class InstructionDataModule(L.LightningDataModule):
             )
         return examples
 
-    def check_packing_support(self) -> None:
-        """Fail unless the model's attention keeps packed examples apart (see ``data.packing``)."""
+    def resolve_packing(self) -> bool:
+        """Whether training batches are packed: ``data.packing``, with ``auto`` decided by the model
+        type; ``true`` fails unless its attention keeps packed examples apart."""
         from transformers import AutoConfig
 
+        if self.packing is False:
+            return False
         try:
             model_type = AutoConfig.from_pretrained(resolve_model_path(self.tokenizer_name)).model_type
         except (OSError, ValueError) as err:
+            if self.packing == "auto":
+                return False
             raise ValueError(
                 f"data.packing=true needs the model's config.json to check that its attention keeps packed "
                 f"examples apart, and data.tokenizer={self.tokenizer_name!r} has none: {err}"
             ) from err
+        if model_type not in PACKING_MODEL_TYPES and self.packing == "auto":
+            rank_zero_info(f"data.packing=auto: model type {model_type!r} does not support packing; batches are padded")
+            return False
         if model_type not in PACKING_MODEL_TYPES:
             raise ValueError(
                 f"data.packing=true is not supported for model type {model_type!r} (data.tokenizer="
                 f"{self.tokenizer_name!r}): its attention would let packed examples attend to each other; "
                 f"set data.packing=false (supported model types: {sorted(PACKING_MODEL_TYPES)})"
             )
+        return True
 
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         return collate(examples, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
     def collate_train(self, examples: Sequence[Example]) -> dict[str, Any]:
-        if self.packing:
+        if self.pack:
             batch = collate_packed(examples, self.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
         else:
             batch = self.collate(examples)

@@ -41,7 +41,9 @@ def varied_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 def make_dm(tmp_path: Path, base: Path, rows: list[dict[str, str]], **kwargs: Any) -> InstructionDataModule:
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    kwargs = {"val_split": 0.0, "template": "human_assistant", "max_length": 128, **kwargs}
+    # Padded, length-grouped batches unless a test says otherwise (the defaults: test_defaults_*).
+    kwargs = {"val_split": 0.0, "template": "human_assistant", "max_length": 128, "packing": False,
+              "group_by_length": True, **kwargs}
     dm = InstructionDataModule(data_path=str(path), tokenizer=str(base), **kwargs)
     dm.setup("fit")
     return dm
@@ -455,3 +457,19 @@ def test_token_weighted_loss_weighs_every_response_token_of_the_epoch_alike(tmp_
         assert "num_items_in_batch" not in plain_batches[0]
         plain_mean = torch.stack([model(**b).loss for b in plain_batches]).mean()
     assert abs(float(plain_mean - total / count)) > 1e-3
+
+
+def test_defaults_pack_random_batches_where_the_model_supports_it(tmp_path: Path, tiny_bases: dict[str, Path]) -> None:
+    """Out of the box: random batches (grouping costs quality), packed when the attention keeps
+    packed examples apart (Llama), padded otherwise (Bloom), without an error either way."""
+    rows = varied_rows(32)
+    for arch, packs in (("llama", True), ("bloom", False)):
+        path = tmp_path / f"{arch}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        dm = InstructionDataModule(data_path=str(path), tokenizer=str(tiny_bases[arch]), val_split=0.0, batch_size=8)
+        dm.setup("fit")
+        assert (dm.packing, dm.group_by_length, dm.pack) == ("auto", False, packs)
+        batch = next(iter(dm.train_dataloader()))
+        assert ("position_ids" in batch and "attention_mask" not in batch) == packs
+    with pytest.raises(ValueError, match=r"data.packing='yes' is not one of"):
+        InstructionDataModule(data_path=str(path), tokenizer=str(tiny_bases["llama"]), packing="yes")

@@ -112,6 +112,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def make_dm(data_path: Path, tokenizer: Path, **kwargs: Any) -> InstructionDataModule:
     kwargs.setdefault("val_split", 0.0)
+    kwargs.setdefault("packing", False)  # these tests check the padded layout; tests/test_batching.py packs
     dm = InstructionDataModule(data_path=str(data_path), tokenizer=str(tokenizer), **kwargs)
     dm.setup("fit")
     return dm
