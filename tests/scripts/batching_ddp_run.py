@@ -55,7 +55,7 @@ def main() -> None:
         rows = [{"text": f"row {i}: " + " ".join(["apple river"] * rng.randrange(1, 12))} for i in range(37)]
         data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = InstructionDataModule(str(data_file), tokenizer=args.base, val_split=0.0, max_length=64,
-                                 max_tokens_per_batch=192, packing=True)
+                                 max_tokens_per_batch=192, group_by_length=True, packing=True)
     module = LoraFinetuneModule(args.base, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     record = RecordBatches()

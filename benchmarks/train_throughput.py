@@ -1,0 +1,728 @@
+"""Training throughput of LoRA fine-tuning: Hugging Face ``Trainer`` + PEFT against ours.
+
+One command::
+
+    python benchmarks/train_throughput.py [--small] [--repeats N]
+
+It builds (in a temporary directory, every run) a randomly initialised Llama-shaped base with
+``lightning_lora.tiny.build_tiny_base`` and synthetic instruction data whose tokenized lengths
+follow a lognormal distribution clipped to 16..512 tokens, then trains one epoch of LoRA on the
+same tokenized examples, each variant in a fresh process, in a fixed interleaved order:
+
+- ``hf_bs1_ga8``: ``transformers.Trainer`` + PEFT, ``per_device_train_batch_size=1``,
+  ``gradient_accumulation_steps=8``, ``DataCollatorForSeq2Seq(tokenizer, padding=True)`` (the
+  tutorial recipe);
+- ``hf_bs8``: the same with batch 8 and no accumulation (padding to the longest in the batch):
+  the baseline every ratio is against;
+- ``ours``: ``LoraFinetuneModule`` + ``InstructionDataModule`` (its defaults, batch 8) through a
+  Lightning ``Trainer``;
+- ``ours_packed``: the same with ``packing=True``.
+
+The HF variants are fed ``InstructionDataModule(...).train_examples`` (``input_ids``/``labels``
+after ``setup``) as a list-of-dicts dataset, so all variants train on identical token sequences
+and labels. Same LoRA (r=8, alpha=16, dropout 0, the seven Llama projections), AdamW (same lr,
+constant schedule, weight decay 0, no clipping), seed, fp32, effective batch 8, one epoch, and the
+same number of torch threads everywhere. Measured per run: the wall time from the start of the
+first optimizer step to the end of the last (a callback on each side), the non-padding tokens
+processed per second (counted from the data), the padding fraction of the batches actually fed to
+the model, the final training loss (mean of the per-step losses over the last 10 % of the steps,
+at least 10) and, after training (not timed), the loss on held-out examples. ``--variants`` also
+accepts the diagnostics ``ours_ungrouped`` and ``ours_packed_ungrouped`` (``group_by_length=False``)
+and ``ours`` variants with other data module settings, e.g. ``ours+token_weighted_loss=false``.
+Results go to ``benchmarks/results/train_throughput{,_small}.{json,md}``. See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from export_memory import load_average, machine, snapshot_code
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+VARIANTS = ("hf_bs1_ga8", "hf_bs8", "ours", "ours_packed")
+# Diagnostics, run only when named in --variants: ours without length grouping (random batches like
+# hf_bs8), unpacked and packed. Any ours variant also takes other InstructionDataModule settings
+# after "+", e.g. "ours+token_weighted_loss=false" or "ours_packed+group_by_length=false".
+EXTRA_VARIANTS = ("ours_ungrouped", "ours_packed_ungrouped")
+BASELINE = "hf_bs8"
+EFFECTIVE_BATCH = 8
+TEMPLATE = "human_assistant"
+
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {"name": "llama-24m", "hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1408,
+             "num_attention_heads": 8, "num_key_value_heads": 4, "examples": 512},
+    "small": {"name": "llama-3m", "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 688,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "examples": 320},
+}
+# Total tokens of an example (prompt + response + EOS, BOS included): lognormal, clipped.
+LENGTHS = {"median": 128, "sigma": 0.8, "min": 16, "max": 512}
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+# The final loss is the mean of the per-step training losses over the last 10 % of the optimizer
+# steps, but at least 10 steps: a step's loss depends on which examples it holds (with length
+# grouping, on their length), so a mean over a handful of steps is too noisy to compare.
+LAST_FRACTION, LAST_MIN_STEPS = 0.1, 10
+FINAL_LOSS = "mean of the per-step training losses over the last 10 % of the optimizer steps, at least 10 steps"
+HELDOUT = 64  # held-out examples (drawn like the training ones) for a loss after training, not timed
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: each runs in its own fresh process, started by the driver below.
+# --------------------------------------------------------------------------------------------
+
+def _word_counts(tokenizer: Any, words: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Tokens of each word at the start of a text and after a space (byte-level BPE: additive)."""
+    first = {w: len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words}
+    later = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in words}
+    return first, later
+
+
+def _words(rng: random.Random, budget: int, vocab: list[str], first: dict[str, int], later: dict[str, int]) -> str:
+    """Random words whose tokenized length (as a text on its own) is about ``budget`` (at least one word)."""
+    out: list[str] = []
+    used = 0
+    while not out or used < budget:
+        word = rng.choice(vocab)
+        cost = (later if out else first)[word]
+        if out and used + cost > budget and budget - used < cost / 2:
+            break
+        out.append(word)
+        used += cost
+    return " ".join(out)
+
+
+def worker_prepare(spec_path: str) -> None:
+    """Build the base model and write the synthetic instruction data (``data.jsonl``)."""
+    spec = json.loads(Path(spec_path).read_text())
+    from lightning_lora.templates import render_alpaca
+    from lightning_lora.tiny import _WORDS, build_tiny_base
+
+    size = spec["size"]
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    base = build_tiny_base(spec["base"], "llama", seed=spec["seed"], max_position_embeddings=LENGTHS["max"],
+                           **{k: size[k] for k in keys})
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
+    vocab = list(_WORDS) + [str(i) for i in range(10)]
+    first, later = _word_counts(tokenizer, vocab)
+    rng = random.Random(f"train-throughput-{spec['seed']}")
+    rows, drawn = [], []
+    for _ in range(spec["examples"] + HELDOUT):
+        total = min(LENGTHS["max"], max(LENGTHS["min"], round(rng.lognormvariate(math.log(LENGTHS["median"]),
+                                                                                   LENGTHS["sigma"]))))
+        drawn.append(total)
+        # The prompt takes 20-60 % of the tokens; the template and BOS count towards it.
+        prompt_budget = round(total * rng.uniform(0.2, 0.6))
+        overhead = len(tokenizer(render_alpaca("", "", TEMPLATE, tokenizer))["input_ids"])
+        words_budget = max(1, prompt_budget - overhead)
+        instruction_budget = max(1, round(words_budget * rng.uniform(0.3, 1.0)))
+        instruction = _words(rng, instruction_budget, vocab, first, later)
+        input_text = (_words(rng, words_budget - instruction_budget, vocab, first, later)
+                      if words_budget - instruction_budget >= 4 else "")
+        prompt_tokens = len(tokenizer(render_alpaca(instruction, input_text, TEMPLATE, tokenizer))["input_ids"])
+        output = _words(rng, max(1, total - prompt_tokens - 1), vocab, first, later)  # - 1: the EOS
+        rows.append({"instruction": instruction, "input": input_text, "output": output})
+    for path, part in ((spec["data"], rows[:spec["examples"]]), (spec["heldout"], rows[spec["examples"]:])):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in part)
+    print(json.dumps({"parameters": params, "drawn_lengths": drawn[:spec["examples"]]}))
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def data_settings(variant: str) -> dict[str, Any]:
+    """The ``InstructionDataModule`` settings an ``ours*`` variant changes from the defaults."""
+    name, *pairs = variant.split("+")
+    settings: dict[str, Any] = {}
+    if name.startswith("ours_packed"):
+        settings["packing"] = True
+    if name.endswith("_ungrouped"):
+        settings["group_by_length"] = False
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        settings[key] = _parse_value(value)
+    return settings
+
+
+def _digest(examples: list[dict[str, list[int]]]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e["input_ids"], e["labels"]]).encode())
+    return digest.hexdigest()
+
+
+def _trainable_sum(model: Any) -> float:
+    """A fingerprint of the initial trainable (LoRA) weights: equal on every side means equal starts."""
+    return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
+
+
+def _heldout_loss(model: Any, examples: list[dict[str, list[int]]], pad_id: int) -> float:
+    """Token-weighted mean loss on the response tokens of ``examples``, the same code for every variant."""
+    import torch
+    import torch.nn.functional as F
+
+    from lightning_lora.data import collate
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), EFFECTIVE_BATCH):
+            batch = collate(examples[i:i + EFFECTIVE_BATCH], pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            total += float(F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"))
+            count += int(mask.sum())
+    return total / count
+
+
+def worker_train(variant: str, spec_path: str, out_path: str) -> None:
+    """Train one variant for one epoch and write what was measured to ``out_path``."""
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import lightning_lora
+    from lightning_lora.data import InstructionDataModule
+
+    data_kwargs: dict[str, Any] = {"template": TEMPLATE, "val_split": 0.0, "seed": spec["seed"]}
+    if variant.startswith("ours"):
+        data_kwargs.update(data_settings(variant))
+    dm = InstructionDataModule(spec["data"], tokenizer=spec["base"], **data_kwargs)
+    dm.setup("fit")
+    examples = [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in dm.train_examples]
+    pad_id = dm.tokenizer.pad_token_id
+    if any(pad_id in e["input_ids"] for e in examples):
+        raise SystemExit(f"the pad token {pad_id} occurs in the data: padding could not be counted from input_ids")
+    result: dict[str, Any] = {
+        "variant": variant, "examples": len(examples), "examples_sha256": _digest(examples),
+        "nonpad_tokens": sum(len(e["input_ids"]) for e in examples), "lengths": [len(e["input_ids"]) for e in examples],
+        "loss_tokens": sum(sum(label != -100 for label in e["labels"]) for e in examples),
+        "lightning_lora_file": lightning_lora.__file__, "torch_threads": torch.get_num_threads(),
+    }
+    heldout_dm = InstructionDataModule(spec["heldout"], tokenizer=spec["base"], template=TEMPLATE, val_split=0.0)
+    heldout_dm.setup("fit")
+    heldout = heldout_dm.train_examples
+    if variant.startswith("hf_"):
+        model, measured = _train_hf(variant, spec, dm.tokenizer, examples, pad_id)
+    else:
+        result["data_module"] = {k: v for k, v in dm.hparams.items() if k not in ("data_path", "tokenizer")}
+        model, measured = _train_ours(spec, dm, pad_id)
+    result.update(measured)
+    result["heldout_loss"] = _heldout_loss(model, heldout, pad_id)
+    result["heldout_examples"] = len(heldout)
+    Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _train_hf(variant: str, spec: dict[str, Any], tokenizer: Any, examples: list[dict[str, list[int]]],
+              pad_id: int) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    batch = 1 if variant == "hf_bs1_ga8" else EFFECTIVE_BATCH
+    accumulate = EFFECTIVE_BATCH // batch
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+
+    class CountingCollator:
+        """The recipe's collator, counting the tokens of the batches it builds (padding included)."""
+
+        def __init__(self) -> None:
+            self.tokens = self.nonpad = self.rows = self.batches = 0
+
+        def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+            out = collator(features)
+            ids = out["input_ids"]
+            self.tokens += ids.numel()
+            self.nonpad += int((ids != pad_id).sum())
+            self.rows += ids.shape[0]
+            self.batches += 1
+            return out
+
+    class Recorder(TrainerCallback):
+        def __init__(self) -> None:
+            self.start: float | None = None
+            self.end: float | None = None
+            self.steps = 0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.start is None:
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.end = time.perf_counter()
+            self.steps = state.global_step
+
+    torch.manual_seed(spec["seed"])
+    model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA))
+    init = _trainable_sum(model)
+    args = TrainingArguments(
+        output_dir=spec["work"] + f"/hf-{variant}", per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulate, num_train_epochs=1, learning_rate=spec["lr"],
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch", max_grad_norm=0.0,
+        logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+        use_cpu=True, seed=spec["seed"], data_seed=spec["seed"], dataloader_num_workers=0,
+        dataloader_pin_memory=False, disable_tqdm=True, remove_unused_columns=False, bf16=False, fp16=False,
+    )
+    counting, recorder = CountingCollator(), Recorder()
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=counting, callbacks=[recorder])
+    started = time.perf_counter()
+    trainer.train()
+    fit_wall = time.perf_counter() - started
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry and "step" in entry]
+    return model, {"wall_s": recorder.end - recorder.start, "train_call_wall_s": fit_wall,
+            "optimizer_steps": trainer.state.global_step, "callback_steps": recorder.steps, "step_losses": losses,
+            "batch_tokens": counting.tokens, "batch_nonpad_tokens": counting.nonpad, "batch_rows": counting.rows,
+            "batches": counting.batches, "micro_batch_size": batch, "gradient_accumulation_steps": accumulate,
+            "initial_trainable_sum": init,
+            "loss_normalised_over_accumulation": bool(trainer.model_accepts_loss_kwargs)}
+
+
+def _train_ours(spec: dict[str, Any], dm: Any, pad_id: int) -> tuple[Any, dict[str, Any]]:
+    import lightning as L
+    import torch
+
+    from lightning_lora.module import LoraFinetuneModule
+
+    class Recorder(L.Callback):
+        """Times the first step's start to the last step's end; counts the batches; records the losses."""
+
+        def __init__(self) -> None:
+            self.start: float | None = None
+            self.end: float | None = None
+            self.losses: list[float] = []
+            self.returned: list[float] = []  # the losses as training_step returned them, when they differ
+            self.tokens = self.nonpad = self.rows = self.batches = 0
+            self.init = 0.0
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.init = _trainable_sum(pl_module)
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if self.start is None:
+                self.start = time.perf_counter()
+            ids = batch["input_ids"]
+            self.tokens += ids.numel()
+            self.nonpad += int((ids != pad_id).sum())
+            self.rows += ids.shape[0]
+            self.batches += 1
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            loss = float(outputs["loss"])
+            items = batch.get("num_items_in_batch")
+            if items is not None:
+                # token_weighted_loss: the step's loss is its summed token loss over the epoch's mean
+                # count per batch. Recorded as the mean over its own tokens, as on the HF side.
+                self.returned.append(loss)
+                loss *= float(items) / int((batch["labels"][:, 1:] != -100).sum())
+            self.losses.append(loss)
+            self.end = time.perf_counter()
+
+    callbacks: list[Any] = [recorder := Recorder()]
+    throughput = None
+    try:
+        from lightning_lora.callbacks import TokenThroughput
+    except ImportError:
+        TokenThroughput = None  # not there yet: measured without it
+    if TokenThroughput is not None:
+        callbacks.append(throughput := TokenThroughput())
+    L.seed_everything(spec["seed"], verbose=False)
+    module = LoraFinetuneModule(
+        spec["base"], **LORA, dtype="float32", lr_schedule="constant", warmup_steps=0,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision="32-true", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_wall = time.perf_counter() - started
+    result = {"wall_s": recorder.end - recorder.start, "train_call_wall_s": fit_wall,
+              "optimizer_steps": trainer.global_step, "step_losses": recorder.losses,
+              "step_losses_as_returned": recorder.returned or None,
+              "batch_tokens": recorder.tokens, "batch_nonpad_tokens": recorder.nonpad, "batch_rows": recorder.rows,
+              "batches": recorder.batches, "micro_batch_size": dm.batch_size, "gradient_accumulation_steps": 1,
+              "initial_trainable_sum": recorder.init}
+    if throughput is not None:
+        result["token_throughput_callback"] = {
+            k: v for k, v in vars(throughput).items()
+            if not k.startswith("_") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return module.model, result
+
+
+WORKERS = {"prepare": worker_prepare, "train": worker_train}
+
+
+# --------------------------------------------------------------------------------------------
+# The driver.
+# --------------------------------------------------------------------------------------------
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("lightning-lora", "torch", "transformers", "peft", "lightning", "accelerate", "tokenizers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def run_worker(name: str, args: list[str], env: dict[str, str], logs: Path, tag: str) -> dict[str, Any]:
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", name, *args]
+    started = time.perf_counter()
+    with (logs / f"{tag}.stdout").open("w") as out, (logs / f"{tag}.stderr").open("w") as err:
+        proc = subprocess.run(cmd, stdout=out, stderr=err, env=env, check=False)
+    run = {"returncode": proc.returncode, "process_wall_s": round(time.perf_counter() - started, 2)}
+    if proc.returncode != 0:
+        run["stderr_tail"] = (logs / f"{tag}.stderr").read_text()[-3000:]
+    return run
+
+
+def final_loss_steps(steps: int) -> int:
+    return min(steps, max(LAST_MIN_STEPS, math.ceil(steps * LAST_FRACTION)))
+
+
+def summarise(run: dict[str, Any]) -> dict[str, Any]:
+    """The per-run figures, from what a worker recorded."""
+    run["nonpad_tokens_per_s"] = run["nonpad_tokens"] / run["wall_s"]
+    run["tokens_per_s"] = run["batch_tokens"] / run["wall_s"]
+    run["padding_fraction"] = 1 - run["batch_nonpad_tokens"] / run["batch_tokens"]
+    run["final_loss_steps"] = final_loss_steps(len(run["step_losses"]))
+    run["final_loss"] = statistics.fmean(run["step_losses"][-run["final_loss_steps"]:])
+    run["first_loss"] = run["step_losses"][0]
+    run["rows_per_batch"] = run["batch_rows"] / run["batches"]
+    run["padded_length"] = run["batch_tokens"] / run["batch_rows"]
+    return run
+
+
+def medians(runs: list[dict[str, Any]], variant: str) -> dict[str, float] | None:
+    mine = [r for r in runs if r["variant"] == variant and r["returncode"] == 0]
+    if not mine:
+        return None
+    keys = ("wall_s", "nonpad_tokens_per_s", "tokens_per_s", "final_loss", "heldout_loss", "padding_fraction",
+            "train_call_wall_s")
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in mine) for k in keys}
+    out["runs"] = len(mine)
+    out["range"] = {k: [min(r[k] for r in mine), max(r[k] for r in mine)] for k in ("wall_s", "nonpad_tokens_per_s")}
+    return out
+
+
+def add_ratios(runs: list[dict[str, Any]]) -> None:
+    """Each run against the baseline run of the same round (paired)."""
+    for run in runs:
+        base = next((r for r in runs if r["variant"] == BASELINE and r["round"] == run["round"]
+                     and r["returncode"] == 0), None)
+        if run["returncode"] != 0 or base is None:
+            continue
+        for key in ("wall_s", "nonpad_tokens_per_s", "final_loss", "heldout_loss"):
+            run[f"{key}_ratio_to_{BASELINE}"] = run[key] / base[key]
+
+
+def analyse(report: dict[str, Any]) -> dict[str, Any]:
+    """Per-run figures, ratios, medians, targets and checks from what the workers recorded (also
+    for ``--render``, so that a change in how they are computed does not need a new measurement)."""
+    runs = report["runs"]
+    for run in runs:
+        if run["returncode"] == 0:
+            summarise(run)
+    add_ratios(runs)
+    report["settings"]["final_loss"] = FINAL_LOSS
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    report["summary"] = {v: med for v in variants if (med := medians(runs, v)) is not None}
+    report["targets"] = targets(report["summary"])
+    report["consistency"] = consistency(runs)
+    return report
+
+
+def targets(summary: dict[str, Any]) -> dict[str, Any]:
+    ours, base, bs1 = summary.get("ours"), summary.get(BASELINE), summary.get("hf_bs1_ga8")
+    out: dict[str, Any] = {}
+    if ours and base:
+        out["ours non-padding tokens/s >= 1.5 x hf_bs8"] = {
+            "value": ours["nonpad_tokens_per_s"], "limit": 1.5 * base["nonpad_tokens_per_s"],
+            "ratio": ours["nonpad_tokens_per_s"] / base["nonpad_tokens_per_s"], "unit": "tokens/s",
+            "met": ours["nonpad_tokens_per_s"] >= 1.5 * base["nonpad_tokens_per_s"]}
+    if ours and bs1:
+        out["ours non-padding tokens/s >= hf_bs1_ga8"] = {
+            "value": ours["nonpad_tokens_per_s"], "limit": bs1["nonpad_tokens_per_s"],
+            "ratio": ours["nonpad_tokens_per_s"] / bs1["nonpad_tokens_per_s"], "unit": "tokens/s",
+            "met": ours["nonpad_tokens_per_s"] >= bs1["nonpad_tokens_per_s"]}
+    if ours and base:
+        ratio = ours["final_loss"] / base["final_loss"]
+        out["ours final loss within 5 % of hf_bs8"] = {
+            "value": ours["final_loss"], "limit": [0.95 * base["final_loss"], 1.05 * base["final_loss"]],
+            "ratio": ratio, "unit": "loss", "met": abs(ratio - 1) <= 0.05}
+        ratio = ours["heldout_loss"] / base["heldout_loss"]
+        out["(info) ours held-out loss within 5 % of hf_bs8"] = {
+            "value": ours["heldout_loss"], "limit": [0.95 * base["heldout_loss"], 1.05 * base["heldout_loss"]],
+            "ratio": ratio, "unit": "loss", "met": abs(ratio - 1) <= 0.05, "informational": True}
+    return out
+
+
+def consistency(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Checks that the variants did the same work: the failures are raised after the results are written."""
+    ok = [r for r in runs if r["returncode"] == 0]
+    steps = {r["variant"]: r["optimizer_steps"] for r in ok}
+    problems = []
+    if len(set(steps.values())) > 1:
+        problems.append(f"optimizer steps differ between variants: {steps}")
+    if len({r["examples_sha256"] for r in ok}) > 1:
+        problems.append("the variants tokenized different examples")
+    for r in ok:
+        if r["batch_nonpad_tokens"] != r["nonpad_tokens"]:
+            problems.append(f"{r['variant']} (round {r['round']}) fed {r['batch_nonpad_tokens']} non-padding tokens "
+                            f"to the model, the data holds {r['nonpad_tokens']}")
+        if len(r["step_losses"]) != r["optimizer_steps"]:
+            problems.append(f"{r['variant']} recorded {len(r['step_losses'])} losses for {r['optimizer_steps']} steps")
+    inits = {round(r["initial_trainable_sum"], 6) for r in ok}
+    return {"optimizer_steps": steps, "same_examples": len({r["examples_sha256"] for r in ok}) <= 1,
+            "same_initial_lora_weights": len(inits) <= 1, "problems": problems}
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    ordered = sorted(lengths)
+
+    def pct(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"count": len(ordered), "mean": round(statistics.fmean(ordered), 1), "median": pct(0.5),
+            "p10": pct(0.1), "p90": pct(0.9), "min": ordered[0], "max": ordered[-1], "total": sum(ordered)}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, m, c = report["settings"], report["machine"], report["code"]
+    model, lengths = s["model"], s["data"].get("lengths") or s["data"]["drawn_lengths"]
+    changes = ", ".join(x.split()[-1] for x in c["uncommitted_changes"])
+    lines = [f"# Training throughput benchmark ({model['name']})", ""]
+    lines += [
+        (f"Model: Llama-shaped, {model['parameters'] / 1e6:.1f}M parameters (hidden {model['hidden_size']}, "
+         f"{model['num_hidden_layers']} layers, intermediate {model['intermediate_size']}, "
+         f"{model['num_attention_heads']} heads, {model['num_key_value_heads']} KV heads, vocabulary "
+         f"{model['vocab_size']}), fp32, {s['threads']} torch thread{'s' if s['threads'] != 1 else ''}; LoRA r={LORA['r']}, "
+         f"alpha={LORA['lora_alpha']}, dropout {LORA['lora_dropout']}, {', '.join(LORA['target_modules'])}; "
+         f"AdamW lr {s['lr']} constant, weight decay 0, no clipping; seed {s['seed']}; 1 epoch."),
+        "",
+        (f"Data: {s['data']['examples']} synthetic instruction examples (template `{TEMPLATE}`, loss on the "
+         f"response), tokenized lengths mean {lengths['mean']}, median {lengths['median']}, "
+         f"p10-p90 {lengths['p10']}-{lengths['p90']}, range {lengths['min']}-{lengths['max']} (lognormal, "
+         f"median {LENGTHS['median']}, sigma {LENGTHS['sigma']}, clipped to {LENGTHS['min']}..{LENGTHS['max']}); "
+         f"{lengths['total']:,} non-padding tokens per epoch."),
+        "",
+        (f"Machine: {m['cores']} cores ({m['cpu']}), load average {m['load']['start']} at the start, "
+         f"{m['load'].get('end')} at the end. Command: `{report['command']}`."),
+        "",
+        (f"Code measured: lightning_lora from the {c['measured']} (HEAD `{c['git_head'][:10]}`"
+         + (f", uncommitted changes: {changes}" if changes else "")
+         + f"; sources sha256 `{c['lightning_lora_sha256'][:12]}`)."),
+        "",
+        (f"Medians over the runs of each variant (range in brackets when a variant ran more than once); "
+         f"ratios are of the medians, against `{BASELINE}`:"),
+        "",
+        ("| variant | runs | wall (s) | x hf_bs8 | non-pad tokens/s | x hf_bs8 | tokens/s incl. padding "
+         "| padding | rows/batch | final loss | x hf_bs8 | held-out loss | x hf_bs8 | optimizer steps |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = report["summary"].get(BASELINE)
+    for variant in dict.fromkeys(r["variant"] for r in report["runs"]):
+        mine = [r for r in report["runs"] if r["variant"] == variant]
+        if not mine:
+            continue
+        med = report["summary"].get(variant)
+        if med is None:
+            lines.append(f"| {variant} | {len(mine)} | failed (rc {mine[0]['returncode']}) |" + " |" * 11)
+            continue
+        ok = [r for r in mine if r["returncode"] == 0]
+        multi = len(ok) > 1
+
+        def ratio(key: str, med: dict[str, Any] = med) -> str:
+            return f"{med[key] / base[key]:.2f}" if base else "-"
+
+        wall, tps = f"{med['wall_s']:.1f}", f"{med['nonpad_tokens_per_s']:.0f}"
+        if multi:
+            wall += " [{:.1f}-{:.1f}]".format(*med["range"]["wall_s"])
+            tps += " [{:.0f}-{:.0f}]".format(*med["range"]["nonpad_tokens_per_s"])
+        failed = "" if len(ok) == len(mine) else f" (+{len(mine) - len(ok)} failed)"
+        lines.append(
+            f"| {variant} | {len(ok)}{failed} | {wall} | {ratio('wall_s')} | {tps} | {ratio('nonpad_tokens_per_s')} | "
+            f"{med['tokens_per_s']:.0f} | {100 * med['padding_fraction']:.1f} % | "
+            f"{statistics.median(r['rows_per_batch'] for r in ok):.2f} | {med['final_loss']:.4f} | "
+            f"{ratio('final_loss')} | {med['heldout_loss']:.4f} | {ratio('heldout_loss')} | {ok[0]['optimizer_steps']} |"
+        )
+    lines += [
+        "",
+        ("- wall: from the start of the first optimizer step to the end of the last (a callback on each side); "
+         "model loading, tokenization and trainer setup are not included."),
+        ("- non-pad tokens/s: the non-padding tokens of the data (every example once) / wall; padding: the share "
+         "of padding in the batches actually fed to the model; rows/batch: rows of those batches (packing puts "
+         "several examples in a row)."),
+        (f"- final loss: {FINAL_LOSS} (HF: `log_history` with `logging_steps=1`; ours: a callback); every step's "
+         "loss is the mean over the loss tokens of its 8 examples (ours with `token_weighted_loss` trains on the "
+         "summed loss over the epoch's mean count per batch: the callback converts it back)."),
+        (f"- held-out loss: after training (not timed), the token-weighted mean loss on the response tokens of "
+         f"{HELDOUT} held-out examples drawn like the training ones, computed by the same code for every variant: "
+         "unlike the final loss, it does not depend on which examples the last steps happened to hold."),
+        "", "## Targets", "", "| target | value | limit | ratio | met |", "|---|---:|---:|---:|---|",
+    ]
+    for name, t in report["targets"].items():
+        if t["unit"] == "loss":
+            value, limit = f"{t['value']:.4f}", "{:.4f}-{:.4f}".format(*t["limit"])
+        else:
+            value, limit = f"{t['value']:.0f} tokens/s", f"{t['limit']:.0f} tokens/s"
+        lines.append(f"| {name} | {value} | {limit} | {t['ratio']:.2f} | {'PASS' if t['met'] else '**FAIL**'} |")
+    k = report["consistency"]
+    problems = "" if not k["problems"] else "; **problems**: " + "; ".join(k["problems"])
+    lines += [
+        "",
+        (f"Checks: optimizer steps {k['optimizer_steps']}; same tokenized examples on every side: "
+         f"{'yes' if k['same_examples'] else 'NO'}; same initial LoRA weights: "
+         f"{'yes' if k['same_initial_lora_weights'] else 'no'}{problems}."),
+        "",
+        "Versions: " + ", ".join(f"{name} {v}" for name, v in report["versions"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Training throughput of LoRA: HF Trainer + PEFT against ours.")
+    parser.add_argument("--small", action="store_true", help="a smaller model and fewer examples (under 5 minutes)")
+    parser.add_argument("--repeats", "--repeat", type=int, default=1, help="runs of each variant (medians reported)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")
+    parser.add_argument("--examples", type=int, help="training examples (a multiple of 8; default: 512, 320 --small)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--work", help="where the base, data and logs go (default: a temporary directory, removed)")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite the markdown from the existing results JSON (measures nothing)")
+    parser.add_argument("--results", default=str(RESULTS), help="where the JSON and markdown go (default: %(default)s)")
+    args = parser.parse_args()
+    size_name = "small" if args.small else "full"
+    stem = "train_throughput_small" if args.small else "train_throughput"
+    results = Path(args.results)
+    if args.render:
+        report = analyse(json.loads((results / f"{stem}.json").read_text()))
+        (results / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (results / f"{stem}.md").write_text(markdown(report))
+        print(markdown(report))
+        print(f"wrote {results / (stem + '.json')} and {results / (stem + '.md')}")
+        return
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(v for v in variants if v.split("+")[0] not in VARIANTS + EXTRA_VARIANTS
+                     or ("+" in v and not v.startswith("ours")))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS + EXTRA_VARIANTS)}")
+    size = SIZES[size_name]
+    examples = args.examples or size["examples"]
+    if examples % EFFECTIVE_BATCH:
+        parser.error(f"--examples must be a multiple of {EFFECTIVE_BATCH}")
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="train_throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    report: dict[str, Any] = {"command": shlex.join(["python", "benchmarks/train_throughput.py", *sys.argv[1:]]),
+                              "machine": machine(), "versions": versions()}
+    try:
+        code = work / "code"
+        report["code"] = snapshot_code(None, code)
+        env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(args.threads),
+               "MKL_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        spec = {"size": size, "examples": examples, "seed": args.seed, "threads": args.threads, "lr": args.lr,
+                "base": str(work / "base"), "data": str(work / "data.jsonl"),
+                "heldout": str(work / "heldout.jsonl"), "work": str(work)}
+        spec_path = work / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=2))
+        print(f"building the {size['name']} base and {examples} examples in {work} ...", flush=True)
+        prep = run_worker("prepare", [str(spec_path)], env, logs, "prepare")
+        if prep["returncode"] != 0:
+            raise SystemExit(f"preparing failed:\n{prep['stderr_tail']}")
+        prepared = json.loads((logs / "prepare.stdout").read_text().strip().splitlines()[-1])
+        config = json.loads((work / "base" / "config.json").read_text())
+        report["settings"] = {
+            "size": size_name, "threads": args.threads, "lr": args.lr, "seed": args.seed,
+            "effective_batch": EFFECTIVE_BATCH, "epochs": 1, "precision": "fp32", "lr_schedule": "constant",
+            "weight_decay": 0.0, "max_grad_norm": None, "lora": LORA, "template": TEMPLATE,
+            "final_loss": FINAL_LOSS,
+            "model": {**{k: v for k, v in size.items() if k != "examples"}, "vocab_size": config["vocab_size"],
+                      "parameters": prepared["parameters"]},
+            "data": {"examples": examples, "length_distribution": LENGTHS,
+                     "drawn_lengths": length_stats(prepared["drawn_lengths"])},
+            "order": variants, "repeats": args.repeats, "prepare_wall_s": prep["process_wall_s"],
+        }
+        runs: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        for round_ in range(args.repeats):
+            for variant in variants:
+                tag = f"{variant}-{round_}"
+                out = work / f"{tag}.json"
+                load = load_average()
+                print(f"round {round_ + 1}/{args.repeats}: {variant} ...", end=" ", flush=True)
+                run = run_worker("train", [variant, str(spec_path), str(out)], env, logs, tag)
+                run.update(variant=variant, round=round_, load_before=load)
+                if run["returncode"] == 0:
+                    run.update(json.loads(out.read_text()))
+                    summarise(run)
+                    print(f"{run['wall_s']:.1f} s, {run['nonpad_tokens_per_s']:.0f} non-pad tokens/s, padding "
+                          f"{100 * run['padding_fraction']:.1f} %, final loss {run['final_loss']:.4f}", flush=True)
+                else:
+                    print(f"FAILED (rc {run['returncode']}; log {logs / (tag + '.stderr')})", flush=True)
+                runs.append(run)
+        report["settings"]["measure_wall_s"] = round(time.perf_counter() - started, 1)
+        lengths = [r.pop("lengths") for r in runs if "lengths" in r]
+        if lengths:
+            report["settings"]["data"]["lengths"] = length_stats(lengths[0])
+        report["runs"] = runs
+        analyse(report)
+    finally:
+        report["machine"]["load"]["end"] = load_average()
+        if not args.work and "runs" in report:
+            shutil.rmtree(work, ignore_errors=True)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {results / (stem + '.json')} and {results / (stem + '.md')}")
+    if report["consistency"]["problems"]:
+        raise SystemExit("inconsistent runs: " + "; ".join(report["consistency"]["problems"]))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "_worker":
+        WORKERS[sys.argv[2]](*sys.argv[3:])
+    else:
+        main()
