@@ -710,8 +710,11 @@ def main() -> None:
         analyse(report)
     finally:
         report["machine"]["load"]["end"] = load_average()
-        if not args.work and "runs" in report:
+        failed = [r for r in report.get("runs", []) if r["returncode"] != 0]
+        if not args.work and "runs" in report and not failed:
             shutil.rmtree(work, ignore_errors=True)
+        elif failed or "runs" not in report:
+            print(f"kept {work} (logs in {logs})", flush=True)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (results / f"{stem}.md").write_text(markdown(report))
