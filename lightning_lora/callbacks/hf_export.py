@@ -101,13 +101,14 @@ class HFExport(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_end runs only when the fit loop finished (not after an exception), before the
         # strategy tears down, so a DeepSpeed engine is still there to save a checkpoint.
-        if isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)):
-            source: Path | TrainedCheckpoint = self._save_sharded_checkpoint(trainer)
-        else:
-            source = _from_memory(trainer, pl_module) if trainer.is_global_zero else Path()
+        sharded = isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy))
+        if sharded:
+            checkpoint = self._save_sharded_checkpoint(trainer)  # a collective: every rank takes part
         if not trainer.is_global_zero:
             return
-        self.result = self._export(source, _describe_peft_model(pl_module, trainer), _validation_probes(trainer))
+        described = _describe_peft_model(pl_module, trainer)
+        source = checkpoint if sharded else _from_memory(trainer, pl_module, described)
+        self.result = self._export(source, described, _validation_probes(trainer))
         verification = self.result["verification"]
         summary = f"HFExport: wrote {self.dirpath}"
         if "max_abs_logit_diff" in verification:
@@ -214,9 +215,9 @@ def _describe_peft_model(pl_module: L.LightningModule, trainer: L.Trainer) -> di
     return described
 
 
-def _from_memory(trainer: L.Trainer, pl_module: L.LightningModule) -> TrainedCheckpoint:
-    """The trained tensors of a module whose parameters rank 0 holds whole (single device, DDP)."""
-    described = _describe_peft_model(pl_module, trainer)
+def _from_memory(trainer: L.Trainer, pl_module: L.LightningModule, described: dict[str, Any]) -> TrainedCheckpoint:
+    """The trained tensors of a module whose parameters rank 0 holds whole (single device, DDP);
+    ``described`` is :func:`_describe_peft_model`'s account of it."""
     trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
     state = {n: t.detach().to("cpu", copy=True) for n, t in pl_module.state_dict().items() if n in trainable}
     return TrainedCheckpoint(
