@@ -179,12 +179,14 @@ class InstructionDataModule(L.LightningDataModule):
             Validation batches are not packed.
         token_weighted_loss: every response token of an epoch weighs the same in training: a batch's
             summed token loss is divided by the mean number of loss tokens per batch over the epoch
-            (Hugging Face's ``num_items_in_batch``), not by its own count. With batches grouped by
-            length, dividing by its own count would give each token of a batch of short examples
-            more weight than a token of a batch of long ones, a different objective from random
-            batches. The
-            logged ``train_loss`` of a step is then that sum over the mean count; its epoch mean is
-            the token-weighted mean loss.
+            (Hugging Face's ``num_items_in_batch``), not by its own count. Off by default: with
+            random batches (the default) both objectives agree on average, and the per-batch mean
+            (what the Hugging Face ``Trainer`` optimizes without accumulation) trained slightly
+            better in ``benchmarks/train_throughput.py``. Worth turning on with
+            ``group_by_length``, where dividing a batch by its own count gives each token of a
+            batch of short examples more weight than a token of a batch of long ones. The logged
+            ``train_loss`` of a step is then that sum over the mean count; its epoch mean is the
+            token-weighted mean loss.
         val_split: fraction of ``data_path`` held out for validation (ignored with ``val_data_path``).
         val_data_path: a separate validation file, read like ``data_path``.
         train_on_prompt: also compute the loss on the prompt tokens.
@@ -207,7 +209,7 @@ class InstructionDataModule(L.LightningDataModule):
         group_by_length: bool = False,
         max_tokens_per_batch: int | None = None,
         packing: bool | Literal["auto"] = "auto",
-        token_weighted_loss: bool = True,
+        token_weighted_loss: bool = False,
         val_split: float = 0.05,
         val_data_path: str | None = None,
         train_on_prompt: bool = False,

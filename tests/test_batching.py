@@ -189,8 +189,9 @@ def test_packed_batches_hold_the_same_examples_laid_out_apart(
     tmp_path: Path, llama_base: Path, train_on_prompt: bool
 ) -> None:
     rows = varied_rows(48)
-    plain = make_dm(tmp_path, llama_base, rows, batch_size=8, train_on_prompt=train_on_prompt)
-    packed = make_dm(tmp_path, llama_base, rows, batch_size=8, packing=True, train_on_prompt=train_on_prompt)
+    common = {"batch_size": 8, "train_on_prompt": train_on_prompt, "token_weighted_loss": True}
+    plain = make_dm(tmp_path, llama_base, rows, **common)
+    packed = make_dm(tmp_path, llama_base, rows, packing=True, **common)
     examples = {tuple(e["input_ids"]): e["labels"] for e in packed.train_examples}
     plain_batches, packed_batches = epoch_batches(plain, 1), epoch_batches(packed, 1)
     assert len(plain_batches) == len(packed_batches)
@@ -402,7 +403,7 @@ def test_packed_training_through_a_lightning_trainer(
     assert set_by_lightning == [(0, 0), (1, 1), (2, 2)]  # Lightning's set_epoch reaches our sampler
     assert passes == [0, 1, 2]  # and every epoch draws its own batches
     assert len(record.losses) == 9 and all(torch.isfinite(torch.tensor(record.losses)))
-    assert all(keys == {"input_ids", "labels", "position_ids", "use_cache", "num_items_in_batch"} for keys in record.model_inputs)
+    assert all(keys == {"input_ids", "labels", "position_ids", "use_cache"} for keys in record.model_inputs)
     assert sum(record.losses[-3:]) < sum(record.losses[:3])
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
 
@@ -430,14 +431,14 @@ def test_lightning_ddp_rebuilds_the_batch_sampler_with_its_ranks_and_settings(tm
 
 
 def test_token_weighted_loss_weighs_every_response_token_of_the_epoch_alike(tmp_path: Path, llama_base: Path) -> None:
-    """Grouped batches hold different numbers of loss tokens. With token_weighted_loss (the default) the
+    """Grouped batches hold different numbers of loss tokens. With token_weighted_loss the
     mean of the epoch's step losses is the mean loss over all its response tokens, computed here from
     each example alone; dividing each batch by its own count, it is not."""
     from transformers import AutoModelForCausalLM
 
     rows = varied_rows(40)
     model = AutoModelForCausalLM.from_pretrained(llama_base, dtype=torch.float32).eval()
-    weighted = make_dm(tmp_path, llama_base, rows, batch_size=8)
+    weighted = make_dm(tmp_path, llama_base, rows, batch_size=8, token_weighted_loss=True)
     total, count = torch.zeros(()), 0
     with torch.no_grad():
         for example in weighted.train_examples:
@@ -452,7 +453,7 @@ def test_token_weighted_loss_weighs_every_response_token_of_the_epoch_alike(tmp_
         epoch_mean = torch.stack([model(**b).loss for b in batches]).mean()
         torch.testing.assert_close(epoch_mean, total / count, rtol=1e-5, atol=1e-5)
 
-        per_batch = make_dm(tmp_path, llama_base, rows, batch_size=8, token_weighted_loss=False)
+        per_batch = make_dm(tmp_path, llama_base, rows, batch_size=8)  # the default: each batch by its own count
         plain_batches = epoch_batches(per_batch, 0)
         assert "num_items_in_batch" not in plain_batches[0]
         plain_mean = torch.stack([model(**b).loss for b in plain_batches]).mean()

@@ -630,7 +630,7 @@ def test_auto_format_on_unknown_fields_names_the_key(tmp_path: Path, llama_base:
 def test_batch_tensors_are_long(tmp_path: Path, llama_base: Path) -> None:
     dm = make_dm(write_jsonl(tmp_path / "rows.jsonl", TEXT_ROWS), llama_base, batch_size=3)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "num_items_in_batch"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}  # token_weighted_loss is off by default
     assert all(batch[key].dtype == torch.long for key in ("input_ids", "attention_mask", "labels"))
 
 
