@@ -65,11 +65,20 @@ EFFECTIVE_BATCH = 8
 TEMPLATE = "human_assistant"
 
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"name": "llama-24m", "hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1408,
+    "full": {"name": "llama-24m", "arch": "llama", "hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1408,
              "num_attention_heads": 8, "num_key_value_heads": 4, "examples": 512},
-    "small": {"name": "llama-3m", "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 688,
+    "small": {"name": "llama-3m", "arch": "llama", "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 688,
               "num_attention_heads": 4, "num_key_value_heads": 2, "examples": 320},
+    # --gpu: Qwen2-0.5B's shape (its vocabulary too: the tokenizer uses the first few hundred ids, the
+    # head computes all 151,936 logits like the real model's) and its initializer range, in bf16.
+    "gpu": {"name": "qwen2-0.5b", "arch": "qwen2", "hidden_size": 896, "num_hidden_layers": 24,
+            "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2,
+            "vocab_size": 151936, "initializer_range": 0.02, "examples": 1024},
 }
+# Dense bf16 peak of the GPUs MFU is reported for (tensor cores, no sparsity), FLOP/s, by a substring
+# of torch.cuda.get_device_name(); the first match wins. Others: pass --peak-tflops.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
+             ("A100", 312e12))
 # Total tokens of an example (prompt + response + EOS, BOS included): lognormal, clipped.
 LENGTHS = {"median": 128, "sigma": 0.8, "min": 16, "max": 512}
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
@@ -114,9 +123,10 @@ def worker_prepare(spec_path: str) -> None:
     from lightning_lora.tiny import _WORDS, build_tiny_base
 
     size = spec["size"]
-    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-    base = build_tiny_base(spec["base"], "llama", seed=spec["seed"], max_position_embeddings=LENGTHS["max"],
-                           **{k: size[k] for k in keys})
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "initializer_range")
+    base = build_tiny_base(spec["base"], size["arch"], seed=spec["seed"], max_position_embeddings=LENGTHS["max"],
+                           **{k: size[k] for k in keys if k in size})
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -194,16 +204,52 @@ def _heldout_loss(model: Any, examples: list[dict[str, list[int]]], pad_id: int)
     from lightning_lora.data import collate
 
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
-    with torch.no_grad():
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for i in range(0, len(examples), EFFECTIVE_BATCH):
-            batch = collate(examples[i:i + EFFECTIVE_BATCH], pad_id)
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + EFFECTIVE_BATCH], pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             labels = batch["labels"][:, 1:]
             mask = labels != -100
             total += float(F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"))
             count += int(mask.sum())
     return total / count
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work, so that a clock read after it times work done."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _step_flops(model: Any, config: dict[str, Any], lengths: list[int]) -> dict[str, float]:
+    """Model FLOPs of one epoch over examples of ``lengths`` (padding and packing excluded).
+
+    Matrix products of the frozen linear layers (the head included): 2 N per token forward and 2 N
+    backward for the input gradients only (LoRA needs no gradient of a frozen weight); the LoRA
+    matrices 6 per parameter and token; causal attention 2 L^2 d forward and twice that backward per
+    example of length L and layer (d: heads x head dim). ``six_n`` counts the frozen weights' gradients
+    too (6 N per token), the convention of full fine-tuning reports, for comparison with those.
+    """
+    import torch
+
+    frozen = lora = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            if ".lora_" in name:
+                lora += module.weight.numel()
+            else:
+                frozen += module.weight.numel()
+    tokens = sum(lengths)
+    heads_dim = config["num_attention_heads"] * config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    attention = 6 * heads_dim * config["num_hidden_layers"] * sum(length * length for length in lengths)
+    return {"frozen_linear_parameters": frozen, "lora_parameters": lora,
+            "epoch_flops": 4 * frozen * tokens + 6 * lora * tokens + attention,
+            "epoch_flops_six_n": 6 * (frozen + lora) * tokens + attention}
 
 
 def worker_train(variant: str, spec_path: str, out_path: str) -> None:
@@ -239,6 +285,12 @@ def worker_train(variant: str, spec_path: str, out_path: str) -> None:
         result["data_module"] = {k: v for k, v in dm.hparams.items() if k not in ("data_path", "tokenizer")}
         model, measured = _train_ours(spec, dm, pad_id)
     result.update(measured)
+    if torch.cuda.is_available():
+        result["device_name"] = name = torch.cuda.get_device_name()
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_bf16_flops"] = spec["peak_flops"] or next((f for key, f in PEAK_BF16 if key in name), None)
+    config = json.loads((Path(spec["base"]) / "config.json").read_text())
+    result.update(_step_flops(model, config, result["lengths"]))
     result["heldout_loss"] = _heldout_loss(model, heldout, pad_id)
     result["heldout_examples"] = len(heldout)
     Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
@@ -277,14 +329,17 @@ def _train_hf(variant: str, spec: dict[str, Any], tokenizer: Any, examples: list
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if self.start is None:
+                _sync()
                 self.start = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            _sync()
             self.end = time.perf_counter()
             self.steps = state.global_step
 
+    bf16 = spec["precision"] == "bf16"
     torch.manual_seed(spec["seed"])
-    model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.bfloat16 if bf16 else torch.float32)
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA))
     init = _trainable_sum(model)
     args = TrainingArguments(
@@ -292,8 +347,8 @@ def _train_hf(variant: str, spec: dict[str, Any], tokenizer: Any, examples: list
         gradient_accumulation_steps=accumulate, num_train_epochs=1, learning_rate=spec["lr"],
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch", max_grad_norm=0.0,
         logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-        use_cpu=True, seed=spec["seed"], data_seed=spec["seed"], dataloader_num_workers=0,
-        dataloader_pin_memory=False, disable_tqdm=True, remove_unused_columns=False, bf16=False, fp16=False,
+        use_cpu=spec["device"] == "cpu", seed=spec["seed"], data_seed=spec["seed"], dataloader_num_workers=0,
+        dataloader_pin_memory=False, disable_tqdm=True, remove_unused_columns=False, bf16=bf16, fp16=False,
     )
     counting, recorder = CountingCollator(), Recorder()
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=counting, callbacks=[recorder])
@@ -331,6 +386,7 @@ def _train_ours(spec: dict[str, Any], dm: Any, pad_id: int) -> tuple[Any, dict[s
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             if self.start is None:
+                _sync()
                 self.start = time.perf_counter()
             ids = batch["input_ids"]
             self.tokens += ids.numel()
@@ -346,7 +402,8 @@ def _train_ours(spec: dict[str, Any], dm: Any, pad_id: int) -> tuple[Any, dict[s
                 # count per batch. Recorded as the mean over its own tokens, as on the HF side.
                 self.returned.append(loss)
                 loss *= float(items) / int((batch["labels"][:, 1:] != -100).sum())
-            self.losses.append(loss)
+            self.losses.append(loss)  # float() waited for the step's kernels
+            _sync()
             self.end = time.perf_counter()
 
     callbacks: list[Any] = [recorder := Recorder()]
@@ -358,12 +415,14 @@ def _train_ours(spec: dict[str, Any], dm: Any, pad_id: int) -> tuple[Any, dict[s
     if TokenThroughput is not None:
         callbacks.append(throughput := TokenThroughput())
     L.seed_everything(spec["seed"], verbose=False)
+    bf16 = spec["precision"] == "bf16"
     module = LoraFinetuneModule(
-        spec["base"], **LORA, dtype="float32", lr_schedule="constant", warmup_steps=0,
+        spec["base"], **LORA, dtype="bfloat16" if bf16 else "float32", lr_schedule="constant", warmup_steps=0,
         optimizer=lambda params: torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0),
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="32-true", max_epochs=1, logger=False, enable_checkpointing=False,
+        accelerator="gpu" if spec["device"] == "cuda" else "cpu", devices=1,
+        precision="bf16-mixed" if bf16 else "32-true", max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         callbacks=callbacks,
     )
@@ -428,6 +487,9 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
     run["first_loss"] = run["step_losses"][0]
     run["rows_per_batch"] = run["batch_rows"] / run["batches"]
     run["padded_length"] = run["batch_tokens"] / run["batch_rows"]
+    if run.get("peak_bf16_flops"):
+        run["mfu"] = run["epoch_flops"] / run["wall_s"] / run["peak_bf16_flops"]
+        run["mfu_six_n"] = run["epoch_flops_six_n"] / run["wall_s"] / run["peak_bf16_flops"]
     return run
 
 
@@ -436,8 +498,8 @@ def medians(runs: list[dict[str, Any]], variant: str) -> dict[str, float] | None
     if not mine:
         return None
     keys = ("wall_s", "nonpad_tokens_per_s", "tokens_per_s", "final_loss", "heldout_loss", "padding_fraction",
-            "train_call_wall_s")
-    out: dict[str, Any] = {k: statistics.median(r[k] for r in mine) for k in keys}
+            "train_call_wall_s", "mfu", "mfu_six_n", "peak_memory_gib")
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in mine) for k in keys if all(k in r for r in mine)}
     out["runs"] = len(mine)
     out["range"] = {k: [min(r[k] for r in mine), max(r[k] for r in mine)] for k in ("wall_s", "nonpad_tokens_per_s")}
     return out
@@ -498,7 +560,10 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
 def consistency(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Checks that the variants did the same work: the failures are raised after the results are written."""
     ok = [r for r in runs if r["returncode"] == 0]
-    steps = {r["variant"]: r["optimizer_steps"] for r in ok}
+    # A variant with another batch size (e.g. "ours_packed+batch_size=64", for GPU utilisation) takes
+    # other steps by design.
+    steps = {r["variant"]: r["optimizer_steps"] for r in ok
+             if r["micro_batch_size"] * r["gradient_accumulation_steps"] == EFFECTIVE_BATCH}
     problems = []
     if len(set(steps.values())) > 1:
         problems.append(f"optimizer steps differ between variants: {steps}")
@@ -525,16 +590,38 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
             "p10": pct(0.1), "p90": pct(0.9), "min": ordered[0], "max": ordered[-1], "total": sum(ordered)}
 
 
+SHAPES = {"llama": "Llama", "qwen2": "Qwen2"}
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def _flops(report: dict[str, Any]) -> str:
+    peaks = sorted({r["peak_bf16_flops"] for r in report["runs"] if r.get("peak_bf16_flops")})
+    return ", ".join(f"{p / 1e12:.1f} TFLOP/s" for p in peaks) or "unknown: pass --peak-tflops"
+
+
 def markdown(report: dict[str, Any]) -> str:
     s, m, c = report["settings"], report["machine"], report["code"]
     model, lengths = s["model"], s["data"].get("lengths") or s["data"]["drawn_lengths"]
     changes = ", ".join(x.split()[-1] for x in c["uncommitted_changes"])
-    lines = [f"# Training throughput benchmark ({model['name']})", ""]
+    devices = sorted({r["device_name"] for r in report["runs"] if r.get("device_name")})
+    if s.get("precision", "fp32") == "fp32":
+        precision = "fp32"
+    else:
+        precision = "bf16 weights, bf16 autocast (HF `bf16=True`, Lightning `precision='bf16-mixed'`), fp32 LoRA weights"
+    if s.get("device", "cpu") == "cpu":
+        precision += f", {s['threads']} torch thread{'s' if s['threads'] != 1 else ''}"
+    else:
+        precision += f", on {', '.join(devices) or 'a GPU'}"
+    lines = [f"# Training throughput benchmark ({model['name']}{', ' + ', '.join(devices) if devices else ''})", ""]
     lines += [
-        (f"Model: Llama-shaped, {model['parameters'] / 1e6:.1f}M parameters (hidden {model['hidden_size']}, "
+        (f"Model: {SHAPES[model.get('arch', 'llama')]}-shaped, {model['parameters'] / 1e6:.1f}M parameters "
+         f"(hidden {model['hidden_size']}, "
          f"{model['num_hidden_layers']} layers, intermediate {model['intermediate_size']}, "
          f"{model['num_attention_heads']} heads, {model['num_key_value_heads']} KV heads, vocabulary "
-         f"{model['vocab_size']}), fp32, {s['threads']} torch thread{'s' if s['threads'] != 1 else ''}; LoRA r={LORA['r']}, "
+         f"{model['vocab_size']}), {precision}; LoRA r={LORA['r']}, "
          f"alpha={LORA['lora_alpha']}, dropout {LORA['lora_dropout']}, {', '.join(LORA['target_modules'])}; "
          f"AdamW lr {s['lr']} constant, weight decay 0, no clipping; seed {s['seed']}; 1 epoch."),
         "",
@@ -544,7 +631,7 @@ def markdown(report: dict[str, Any]) -> str:
          f"median {LENGTHS['median']}, sigma {LENGTHS['sigma']}, clipped to {LENGTHS['min']}..{LENGTHS['max']}); "
          f"{lengths['total']:,} non-padding tokens per epoch."),
         "",
-        (f"Machine: {m['cores']} cores ({m['cpu']}), load average {m['load']['start']} at the start, "
+        (f"Machine: {', '.join(devices) + ' GPU, ' if devices else ''}{m['cores']} cores ({m['cpu']}), load average {m['load']['start']} at the start, "
          f"{m['load'].get('end')} at the end. Command: `{report['command']}`."),
         "",
         (f"Code measured: lightning_lora from the {c['measured']} (HEAD `{c['git_head'][:10]}`"
@@ -597,8 +684,23 @@ def markdown(report: dict[str, Any]) -> str:
         (f"- held-out loss: after training (not timed), the token-weighted mean loss on the response tokens of "
          f"{HELDOUT} held-out examples drawn like the training ones, computed by the same code for every variant: "
          "unlike the final loss, it does not depend on which examples the last steps happened to hold."),
-        "", "## Targets", "", "| target | value | limit | ratio | met |", "|---|---:|---:|---:|---|",
     ]
+    gpu = {v: med for v, med in report["summary"].items() if "peak_memory_gib" in med}
+    if gpu:
+        lines += [
+            "", "| variant | MFU | MFU, 6N convention | peak GPU memory (GiB) |", "|---|---:|---:|---:|",
+            *(f"| {v} | {_percent(med.get('mfu'))} | {_percent(med.get('mfu_six_n'))} | {med['peak_memory_gib']:.2f} |"
+              for v, med in gpu.items()),
+            "",
+            ("- MFU: model FLOPs of the epoch's real tokens (padding excluded) / wall / the GPU's dense bf16 peak "
+             f"({_flops(report)}). LoRA's work: 4 N per token for the frozen linear layers (forward, and the "
+             "backward's input gradients; no gradient of a frozen weight), 6 per LoRA parameter and token, and "
+             "causal attention 6 L^2 d per example and layer. The 6N convention adds the frozen weights' "
+             "gradients, which LoRA never computes; it is the number full fine-tuning reports quote."),
+            "- peak GPU memory: `torch.cuda.max_memory_allocated()` in the variant's process (model, activations, "
+            "optimizer state).",
+        ]
+    lines += ["", "## Targets", "", "| target | value | limit | ratio | met |", "|---|---:|---:|---:|---|"]
     for name, t in report["targets"].items():
         if t["unit"] == "loss":
             value, limit = f"{t['value']:.4f}", "{:.4f}-{:.4f}".format(*t["limit"])
@@ -622,19 +724,34 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Training throughput of LoRA: HF Trainer + PEFT against ours.")
     parser.add_argument("--small", action="store_true", help="a smaller model and fewer examples (under 5 minutes)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="on the CUDA GPU: a Qwen2-0.5B-shaped model in bf16, 1024 examples, with MFU")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="fp32 (the CPU default) or bf16 weights with bf16 autocast (the --gpu default)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the GPU's dense bf16 peak for MFU (default: known for H100, H200, A100)")
     parser.add_argument("--repeats", "--repeat", type=int, default=1, help="runs of each variant (medians reported)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")
     parser.add_argument("--examples", type=int, help="training examples (a multiple of 8; default: 512, 320 --small)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default: %(default)s)")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (default: 1e-2; 1e-3 with --gpu)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", help="where the base, data and logs go (default: a temporary directory, removed)")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite the markdown from the existing results JSON (measures nothing)")
     parser.add_argument("--results", default=str(RESULTS), help="where the JSON and markdown go (default: %(default)s)")
     args = parser.parse_args()
-    size_name = "small" if args.small else "full"
-    stem = "train_throughput_small" if args.small else "train_throughput"
+    if args.gpu and args.small:
+        parser.error("--gpu and --small exclude each other")
+    size_name = "gpu" if args.gpu else "small" if args.small else "full"
+    stem = {"gpu": "train_throughput_gpu", "small": "train_throughput_small", "full": "train_throughput"}[size_name]
+    if args.lr is None:
+        args.lr = 1e-3 if args.gpu else 1e-2
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--gpu needs a CUDA device; torch.cuda.is_available() is False")
     results = Path(args.results)
     if args.render:
         report = analyse(json.loads((results / f"{stem}.json").read_text()))
@@ -652,6 +769,7 @@ def main() -> None:
     examples = args.examples or size["examples"]
     if examples % EFFECTIVE_BATCH:
         parser.error(f"--examples must be a multiple of {EFFECTIVE_BATCH}")
+    results.mkdir(parents=True, exist_ok=True)
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="train_throughput-"))
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
@@ -660,9 +778,14 @@ def main() -> None:
     try:
         code = work / "code"
         report["code"] = snapshot_code(None, code)
-        env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(args.threads),
+        pythonpath = os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(args.threads),
                "MKL_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        device = "cuda" if args.gpu else "cpu"
+        precision = args.precision or ("bf16" if args.gpu else "fp32")
         spec = {"size": size, "examples": examples, "seed": args.seed, "threads": args.threads, "lr": args.lr,
+                "device": device, "precision": precision,
+                "peak_flops": args.peak_tflops * 1e12 if args.peak_tflops else None,
                 "base": str(work / "base"), "data": str(work / "data.jsonl"),
                 "heldout": str(work / "heldout.jsonl"), "work": str(work)}
         spec_path = work / "spec.json"
@@ -675,7 +798,8 @@ def main() -> None:
         config = json.loads((work / "base" / "config.json").read_text())
         report["settings"] = {
             "size": size_name, "threads": args.threads, "lr": args.lr, "seed": args.seed,
-            "effective_batch": EFFECTIVE_BATCH, "epochs": 1, "precision": "fp32", "lr_schedule": "constant",
+            "effective_batch": EFFECTIVE_BATCH, "epochs": 1, "device": device, "precision": precision,
+            "lr_schedule": "constant",
             "weight_decay": 0.0, "max_grad_norm": None, "lora": LORA, "template": TEMPLATE,
             "final_loss": FINAL_LOSS,
             "model": {**{k: v for k, v in size.items() if k != "examples"}, "vocab_size": config["vocab_size"],
@@ -702,6 +826,10 @@ def main() -> None:
                 else:
                     print(f"FAILED (rc {run['returncode']}; log {logs / (tag + '.stderr')})", flush=True)
                 runs.append(run)
+                # What is measured so far survives a run that is stopped before the report.
+                # (--render reads it once renamed to the results JSON).
+                partial = {**report, "runs": runs}
+                (results / f"{stem}.partial.json").write_text(json.dumps(partial, indent=1) + "\n")
         report["settings"]["measure_wall_s"] = round(time.perf_counter() - started, 1)
         lengths = [r.pop("lengths") for r in runs if "lengths" in r]
         if lengths:
@@ -715,8 +843,8 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         elif failed or "runs" not in report:
             print(f"kept {work} (logs in {logs})", flush=True)
-    results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results / f"{stem}.partial.json").unlink(missing_ok=True)
     (results / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
     print(f"wrote {results / (stem + '.json')} and {results / (stem + '.md')}")

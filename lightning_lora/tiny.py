@@ -155,8 +155,14 @@ def tiny_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
     return config
 
 
-def build_tiny_base(output_dir: str | Path, arch: str = "llama", seed: int = 0, **config_overrides: Any) -> Path:
-    """Write a tiny randomly initialised base model and its tokenizer as a normal HF directory."""
+def build_tiny_base(
+    output_dir: str | Path, arch: str = "llama", seed: int = 0, vocab_size: int | None = None, **config_overrides: Any
+) -> Path:
+    """Write a tiny randomly initialised base model and its tokenizer as a normal HF directory.
+
+    ``vocab_size`` larger than the tokenizer's gives the model embedding rows no token uses, as
+    real models round their vocabularies up (a benchmark uses it for a real model's head size).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -166,8 +172,10 @@ def build_tiny_base(output_dir: str | Path, arch: str = "llama", seed: int = 0, 
     tokenizer.save_pretrained(output_dir)
     # Some architectures' tokenizer classes add a token of their own on loading (Qwen2's
     # <|endoftext|>): the model must embed every token the tokenizer can produce.
-    vocab_size = len(AutoTokenizer.from_pretrained(output_dir))
-    config = tiny_config(arch, vocab_size, **config_overrides)
+    needed = len(AutoTokenizer.from_pretrained(output_dir))
+    if vocab_size is not None and vocab_size < needed:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {needed} tokens")
+    config = tiny_config(arch, vocab_size or needed, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
