@@ -22,7 +22,8 @@ The HF variants are fed ``InstructionDataModule(...).train_examples`` (``input_i
 after ``setup``) as a list-of-dicts dataset, so all variants train on identical token sequences
 and labels. Same LoRA (r=8, alpha=16, dropout 0, the seven Llama projections), AdamW (same lr,
 constant schedule, weight decay 0, no clipping), seed, fp32, effective batch 8, one epoch, and the
-same number of torch threads everywhere. Measured per run: the wall time from the start of the
+same number of torch threads everywhere; the LoRA matrices are drawn from one CPU generator on both
+sides, so both start from the same weights on every device. Measured per run: the wall time from the start of the
 first optimizer step to the end of the last (a callback on each side), the non-padding tokens
 processed per second (counted from the data), the padding fraction of the batches actually fed to
 the model, the final training loss (mean of the per-step losses over the last 10 % of the steps,
@@ -30,6 +31,11 @@ at least 10) and, after training (not timed), the loss on held-out examples. ``-
 accepts the diagnostics ``ours_ungrouped`` and ``ours_packed_ungrouped`` (``group_by_length=False``)
 and ``ours`` variants with other data module settings, e.g. ``ours+token_weighted_loss=false``.
 Results go to ``benchmarks/results/train_throughput{,_small}.{json,md}``. See ``benchmarks/README.md``.
+
+``--gpu`` runs the same comparison on a CUDA GPU with a Qwen2-0.5B-shaped model (its 151,936-token
+vocabulary too) in bf16 on 1024 examples, and adds model FLOPs utilisation (MFU) and peak GPU memory;
+results go to ``benchmarks/results/train_throughput_gpu.{json,md}``. ``benchmarks/lora_step_profile.py``
+shows where such a step spends its time.
 """
 
 from __future__ import annotations
@@ -191,6 +197,27 @@ def _digest(examples: list[dict[str, list[int]]]) -> str:
     return digest.hexdigest()
 
 
+def _init_lora(model: Any, seed: int) -> None:
+    """Draw the LoRA matrices from one CPU generator, the same on every side: PEFT's own init draws
+    from the generator of the device the model is built on, and Lightning builds it on the GPU while
+    the HF recipe builds it on the CPU. A like PEFT's default (kaiming uniform, a = sqrt(5): bound
+    1 / sqrt(fan_in)), B = 0."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):  # the same order on both sides
+            if not param.requires_grad:
+                continue
+            if ".lora_A." in name:
+                bound = 1 / math.sqrt(param.shape[1])
+                param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
+            elif ".lora_B." in name:
+                param.zero_()
+            else:
+                raise SystemExit(f"unexpected trainable parameter {name}")
+
+
 def _trainable_sum(model: Any) -> float:
     """A fingerprint of the initial trainable (LoRA) weights: equal on every side means equal starts."""
     return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
@@ -341,6 +368,7 @@ def _train_hf(variant: str, spec: dict[str, Any], tokenizer: Any, examples: list
     torch.manual_seed(spec["seed"])
     model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.bfloat16 if bf16 else torch.float32)
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA))
+    _init_lora(model, spec["seed"])
     init = _trainable_sum(model)
     args = TrainingArguments(
         output_dir=spec["work"] + f"/hf-{variant}", per_device_train_batch_size=batch,
@@ -382,6 +410,7 @@ def _train_ours(spec: dict[str, Any], dm: Any, pad_id: int) -> tuple[Any, dict[s
             self.init = 0.0
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            _init_lora(pl_module, spec["seed"])
             self.init = _trainable_sum(pl_module)
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -718,6 +747,8 @@ def markdown(report: dict[str, Any]) -> str:
         "Versions: " + ", ".join(f"{name} {v}" for name, v in report["versions"].items()),
         "",
     ]
+    if report.get("notes"):  # written by hand into the JSON, e.g. about a run stopped early
+        lines += ["## Notes", "", *(f"- {note}" for note in report["notes"]), ""]
     return "\n".join(lines)
 
 
@@ -747,11 +778,6 @@ def main() -> None:
     stem = {"gpu": "train_throughput_gpu", "small": "train_throughput_small", "full": "train_throughput"}[size_name]
     if args.lr is None:
         args.lr = 1e-3 if args.gpu else 1e-2
-    if args.gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("--gpu needs a CUDA device; torch.cuda.is_available() is False")
     results = Path(args.results)
     if args.render:
         report = analyse(json.loads((results / f"{stem}.json").read_text()))
@@ -760,6 +786,11 @@ def main() -> None:
         print(markdown(report))
         print(f"wrote {results / (stem + '.json')} and {results / (stem + '.md')}")
         return
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--gpu needs a CUDA device; torch.cuda.is_available() is False")
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(v for v in variants if v.split("+")[0] not in VARIANTS + EXTRA_VARIANTS
                      or ("+" in v and not v.startswith("ours")))
