@@ -159,12 +159,32 @@ def _even_out(batches: list[list[int]], replicas: int) -> list[list[int]]:
     return batches
 
 
+def _first_fit(ordered: Sequence[Mapping[str, list[int]]], row_length: int) -> list[list[Mapping[str, list[int]]]]:
+    """Each example into the first row with room for it, a new row when none has."""
+    rows: list[list[Mapping[str, list[int]]]] = []
+    room: list[int] = []
+    for example in ordered:
+        n = len(example["input_ids"])
+        row = next((i for i, free in enumerate(room) if free >= n), None)
+        if row is None:
+            rows.append([])
+            room.append(row_length)
+            row = len(rows) - 1
+        rows[row].append(example)
+        room[row] -= n
+    return rows
+
+
 def collate_packed(
     examples: Sequence[Mapping[str, list[int]]], pad_token_id: int, row_length: int, pad_to_multiple_of: int = 8
 ) -> dict[str, Any]:
     """Pack a batch's examples into as few rows of at most ``row_length`` tokens as possible.
 
-    Rows are filled first-fit, longest example first. Each example's ``position_ids`` restart at
+    Rows are filled first-fit, longest example first, and then made as short as the same number
+    of rows allows: the width is the smallest multiple of ``pad_to_multiple_of`` at which
+    first-fit still needs no more rows (8 random examples of about 170 tokens fill 3 rows: rather
+    than two full rows of 512 and a third mostly empty, three of about 460). Less padding, and
+    shorter rows to compute attention over. Each example's ``position_ids`` restart at
     0 and there is no ``attention_mask``: from that, transformers builds a causal mask that is
     block-diagonal per example, so no example attends to another and every example's logits are
     those it gets alone. The first label of every example is ``-100``, so the last token of one
@@ -176,18 +196,16 @@ def collate_packed(
     with a cache, transformers does not look for packed sequences and the examples would see each
     other.
     """
-    rows: list[list[Mapping[str, list[int]]]] = []
-    room: list[int] = []
-    for example in sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True):
-        n = len(example["input_ids"])
-        row = next((i for i, free in enumerate(room) if free >= n), None)
-        if row is None:
-            rows.append([])
-            room.append(row_length)
-            row = len(rows) - 1
-        rows[row].append(example)
-        room[row] -= n
-    width = padded(row_length - min(room), pad_to_multiple_of)
+    ordered = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)
+    rows = _first_fit(ordered, row_length)
+    lengths = [len(e["input_ids"]) for e in ordered]
+    narrowest = padded(max(lengths[0], -(-sum(lengths) // len(rows))), pad_to_multiple_of)
+    for limit in range(narrowest, row_length, pad_to_multiple_of):
+        narrower = _first_fit(ordered, limit)
+        if len(narrower) == len(rows):
+            rows = narrower
+            break
+    width = padded(max(sum(len(e["input_ids"]) for e in row) for row in rows), pad_to_multiple_of)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

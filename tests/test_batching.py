@@ -261,6 +261,25 @@ def test_packing_leaves_every_example_loss_and_the_batch_loss_unchanged(
             torch.testing.assert_close(model(**batch).loss, model(**unpacked).loss, atol=1e-5, rtol=1e-5)
 
 
+def test_packed_rows_are_as_short_as_their_number_allows() -> None:
+    """Examples of 300, 200, 100 and 100 tokens in rows of up to 512 need 2 rows. Filled to 512
+    first-fit they make rows of 500 and 200 tokens (width 504); the same 2 rows can be 400 and 300
+    (300 + 100, 200 + 100), and no width below 400 holds them in 2 rows with the longest first
+    (at 392: 300 | 200 + 100 | 100). So the batch is 2 x 400, and each example is whole in it."""
+    from lightning_lora.batching import collate_packed
+
+    examples = [{"input_ids": [n] * n, "labels": [n] * n} for n in (100, 300, 100, 200)]
+    batch = collate_packed(examples, 0, row_length=512)
+    assert batch["input_ids"].shape == (2, 400)
+    segments = sorted(end - start for _, start, end in packed_segments(batch))
+    assert segments == [100, 100, 200, 300]
+    for row, start, end in packed_segments(batch):
+        assert set(batch["input_ids"][row, start:end].tolist()) == {end - start}
+    # Nothing to gain: one example per row, or a single row already as short as it gets.
+    assert collate_packed(examples[:1], 0, row_length=512)["input_ids"].shape == (1, 104)
+    assert collate_packed([{"input_ids": [5] * 510, "labels": [5] * 510}] * 2, 0, 512)["input_ids"].shape == (2, 512)
+
+
 @pytest.mark.parametrize(("arch", "isolated"), [("llama", True), ("qwen2", True), ("gpt2", True), ("bloom", False)])
 def test_changing_one_packed_example_does_not_move_the_others_logits(
     tiny_bases: dict[str, Path], arch: str, isolated: bool
