@@ -575,14 +575,16 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
             "ratio": ours["nonpad_tokens_per_s"] / bs1["nonpad_tokens_per_s"], "unit": "tokens/s",
             "met": ours["nonpad_tokens_per_s"] >= bs1["nonpad_tokens_per_s"]}
     if ours and base:
+        # "Speed must not cost quality": a loss more than 5 % above the baseline's fails; a lower one
+        # does not (the markdown shows the ratio either way).
         ratio = ours["final_loss"] / base["final_loss"]
-        out["ours final loss within 5 % of hf_bs8"] = {
-            "value": ours["final_loss"], "limit": [0.95 * base["final_loss"], 1.05 * base["final_loss"]],
-            "ratio": ratio, "unit": "loss", "met": abs(ratio - 1) <= 0.05}
+        out["ours final loss at most 5 % above hf_bs8"] = {
+            "value": ours["final_loss"], "limit": 1.05 * base["final_loss"],
+            "ratio": ratio, "unit": "loss", "met": ratio <= 1.05}
         ratio = ours["heldout_loss"] / base["heldout_loss"]
-        out["(info) ours held-out loss within 5 % of hf_bs8"] = {
-            "value": ours["heldout_loss"], "limit": [0.95 * base["heldout_loss"], 1.05 * base["heldout_loss"]],
-            "ratio": ratio, "unit": "loss", "met": abs(ratio - 1) <= 0.05, "informational": True}
+        out["(info) ours held-out loss at most 5 % above hf_bs8"] = {
+            "value": ours["heldout_loss"], "limit": 1.05 * base["heldout_loss"],
+            "ratio": ratio, "unit": "loss", "met": ratio <= 1.05, "informational": True}
     return out
 
 
@@ -732,7 +734,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Targets", "", "| target | value | limit | ratio | met |", "|---|---:|---:|---:|---|"]
     for name, t in report["targets"].items():
         if t["unit"] == "loss":
-            value, limit = f"{t['value']:.4f}", "{:.4f}-{:.4f}".format(*t["limit"])
+            value, limit = f"{t['value']:.4f}", f"<= {t['limit']:.4f}"
         else:
             value, limit = f"{t['value']:.0f} tokens/s", f"{t['limit']:.0f} tokens/s"
         lines.append(f"| {name} | {value} | {limit} | {t['ratio']:.2f} | {'PASS' if t['met'] else '**FAIL**'} |")
