@@ -175,3 +175,15 @@ def test_bad_added_tokens_are_named(tokens: list[str], llama_base: Path, tmp_pat
     data = InstructionDataModule(str(data_file), tokenizer=str(llama_base), added_tokens=tokens)
     with pytest.raises(ValueError, match=r"data\.added_tokens=\[.*must be distinct, non-blank strings"):
         data.setup("fit")
+
+
+def test_a_base_can_embed_more_rows_than_its_tokenizer_has_tokens(tmp_path: Path) -> None:
+    """Real vocabularies are rounded up (Qwen2: 151,936 rows); a tokenizer never needs fewer rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = build_tiny_base(tmp_path / "wide", "qwen2", vocab_size=1024)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == 1024
+    assert len(AutoTokenizer.from_pretrained(base)) < 1024
+    with pytest.raises(ValueError, match=r"vocab_size=10 is smaller than the tokenizer's \d+ tokens"):
+        build_tiny_base(tmp_path / "narrow", "llama", vocab_size=10)
