@@ -20,15 +20,16 @@ same tokenized examples, each variant in a fresh process, in a fixed interleaved
 
 The HF variants are fed ``InstructionDataModule(...).train_examples`` (``input_ids``/``labels``
 after ``setup``) as a list-of-dicts dataset, so all variants train on identical token sequences
-and labels. Same LoRA (r=8, alpha=16, dropout 0, the seven Llama projections), AdamW (same lr,
-constant schedule, weight decay 0, no clipping), seed, fp32, effective batch 8, one epoch, and the
-same number of torch threads everywhere; the LoRA matrices are drawn from one CPU generator on both
-sides, so both start from the same weights on every device. Measured per run: the wall time from the start of the
-first optimizer step to the end of the last (a callback on each side), the non-padding tokens
-processed per second (counted from the data), the padding fraction of the batches actually fed to
-the model, the final training loss (mean of the per-step losses over the last 10 % of the steps,
-at least 10) and, after training (not timed), the loss on held-out examples. With ``--repeats N`` round r trains every variant with seed + r (the example order and the
-LoRA init; the base and the data stay), so the loss comparison is over N draws, paired by round.
+and labels. Same LoRA (r=8, alpha=16, dropout 0, the seven projections), AdamW (same lr, constant
+schedule, weight decay 0, no clipping), seed, precision, effective batch 8, one epoch, and the same
+number of torch threads everywhere; the LoRA matrices are drawn from one CPU generator on both
+sides, so both start from the same weights on every device. Measured per run: the wall time from
+the start of the first optimizer step to the end of the last (a callback on each side), the
+non-padding tokens processed per second (counted from the data), the padding fraction of the
+batches actually fed to the model, the final training loss (mean of the per-step losses over the
+last 10 % of the steps, at least 10) and, after training (not timed), the loss on held-out
+examples. With ``--repeats N`` round r trains every variant with seed + r (the example order and
+the LoRA init; the base and the data stay), so the loss comparison is over N draws, paired by round.
 ``--variants`` also
 accepts the diagnostics ``ours_ungrouped`` and ``ours_packed_ungrouped`` (``group_by_length=False``)
 and ``ours`` variants with other data module settings, e.g. ``ours+token_weighted_loss=false``.
@@ -259,7 +260,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _step_flops(model: Any, config: dict[str, Any], lengths: list[int]) -> dict[str, float]:
+def _epoch_flops(model: Any, config: dict[str, Any], lengths: list[int]) -> dict[str, float]:
     """Model FLOPs of one epoch over examples of ``lengths`` (padding and packing excluded).
 
     Matrix products of the frozen linear layers (the head included): 2 N per token forward and 2 N
@@ -326,7 +327,7 @@ def worker_train(variant: str, spec_path: str, out_path: str, seed: str) -> None
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_bf16_flops"] = spec["peak_flops"] or next((f for key, f in PEAK_BF16 if key in name), None)
     config = json.loads((Path(spec["base"]) / "config.json").read_text())
-    result.update(_step_flops(model, config, result["lengths"]))
+    result.update(_epoch_flops(model, config, result["lengths"]))
     result["heldout_loss"] = _heldout_loss(model, heldout, pad_id)
     result["heldout_examples"] = len(heldout)
     Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
