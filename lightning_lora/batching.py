@@ -17,9 +17,10 @@ from torch.utils.data import BatchSampler
 from torch.utils.data.distributed import DistributedSampler
 from typing_extensions import override
 
+from lightning_lora.dtypes import IGNORE_INDEX
+
 __all__ = ["PACKING_MODEL_TYPES", "TrainingBatchSampler", "collate_packed", "count_tokens"]
 
-IGNORE_INDEX = -100
 # Length grouping sorts windows of this many batches: enough to find similar lengths, small enough
 # that batch composition still changes from epoch to epoch (Hugging Face's megabatches).
 _BATCHES_PER_WINDOW = 50

@@ -16,13 +16,13 @@ from torch.utils.data.distributed import DistributedSampler
 from typing_extensions import override
 
 from lightning_lora.batching import PACKING_MODEL_TYPES, TrainingBatchSampler, collate_packed, padded
+from lightning_lora.dtypes import IGNORE_INDEX
 from lightning_lora.export.tokens import add_tokens
 from lightning_lora.templates import TEMPLATES, TemplateName, render_alpaca, render_messages
 from lightning_lora.tiny import resolve_model_path
 
 __all__ = ["Example", "InstructionDataModule", "collate", "encode_example", "read_records"]
 
-IGNORE_INDEX = -100
 DataFormat = Literal["auto", "alpaca", "messages", "text"]
 _FORMATS = ("auto", "alpaca", "messages", "text")
 # The fields each format needs in every row; "input" is optional for Alpaca.

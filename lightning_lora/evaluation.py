@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightning_lora.dtypes import IGNORE_INDEX
 from lightning_lora.inference import (
     _adapter_context,
     _batches,
@@ -37,7 +38,6 @@ def _encode_data(data: str | Path, fmt: str, template: str, tokenizer: Any, max_
     from lightning_lora.data import (
         _FORMATS,
         _REQUIRED_FIELDS,
-        IGNORE_INDEX,
         detect_format,
         encode_example,
         read_records,
@@ -79,7 +79,7 @@ def _score(model: Any, examples: Sequence[dict[str, list[int]]], pad_token_id: i
     """Mean per-token loss and next-token accuracy over response tokens, as the module's validation."""
     from torchmetrics import MeanMetric
 
-    from lightning_lora.data import IGNORE_INDEX, collate
+    from lightning_lora.data import collate
 
     device = next(model.parameters()).device
     loss_metric, accuracy_metric, tokens = MeanMetric().to(device), MeanMetric().to(device), 0

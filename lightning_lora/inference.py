@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from lightning_lora.dtypes import parse_dtype
+
 __all__ = [
     "active_adapter",
     "adapter_names",
@@ -24,7 +26,6 @@ __all__ = [
     "unload",
 ]
 
-_DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _model_path(model: str | Path) -> str:
@@ -121,13 +122,12 @@ def load_for_generation(
     """
     from transformers import AutoModelForCausalLM
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype={dtype!r} is not one of {list(_DTYPES)}")
+    torch_dtype = parse_dtype(dtype, "--dtype") or "auto"
     model_path = _model_path(model)
     named = _adapter_dirs(adapters)
     try:
         tokenizer = _load_tokenizer(model_path, named)
-        net = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype])
+        net = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     except OSError as err:  # transformers' message names the file, not the argument
         raise OSError(f"--model={str(model)!r} cannot be loaded: {err}") from err
     if named:

@@ -127,7 +127,7 @@ def test_strategy_preset_builds_the_strategy_it_names(preset: Path) -> None:
 def test_fsdp_preset_loads_the_base_in_float32() -> None:
     # FSDP flattens base and LoRA weights together, and PEFT keeps LoRA in float32: the preset must
     # win over the model preset's bfloat16.
-    assert _parse(*RUN_AND_MODEL, REPO / "configs/strategies/fsdp.yaml").model.dtype_name == "float32"
+    assert _parse(*RUN_AND_MODEL, REPO / "configs/strategies/fsdp.yaml").model.dtype_name == "fp32"
 
 
 def test_offload_preset_swaps_only_the_optimizer_class() -> None:
