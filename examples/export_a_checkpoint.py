@@ -46,11 +46,10 @@ def main() -> None:
     # Any time later, in any process: only the checkpoint file is needed.
     ckpt = checkpoint.last_model_path
     manifest = export_checkpoint(ckpt, f"{args.output}/export", overwrite=True, progress=False)
-    verification = manifest["verification"]
+    logits = manifest["verification"]["function"]["logits"]
     print(f"exported {ckpt} (step {manifest['global_step']}, base {manifest['base_model']}) to {args.output}/export")
-    print(f"merged vs adapter: max |logit diff| {verification['max_abs_logit_diff']:.2e} "
-          f"(tolerance {verification['tolerance']:.1e}), greedy token agreement "
-          f"{verification['token_agreement']:.0%}, passed={verification['passed']}")
+    print(f"merged vs trained model: max |logit diff| {logits['max_abs_diff']:.2e} (tolerance {logits['tolerance']:.1e}), "
+          f"argmax agreement {logits['argmax_agreement']:.0%}, passed={manifest['verification']['passed']}")
 
 
 if __name__ == "__main__":

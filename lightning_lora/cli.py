@@ -9,7 +9,6 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-
 from typing import Any
 
 __all__ = ["evaluate_main", "export_main", "generate_main", "main", "verify_main"]  # LightningLoraCLI: see __getattr__
@@ -48,29 +47,33 @@ def main(argv: list[str] | None = None) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-lora export",
-        description="Export a LoRA run (DeepSpeed ZeRO directory, Lightning .ckpt, or PEFT adapter directory) "
-        "as OUTPUT/adapter (PEFT), OUTPUT/merged (Hugging Face) and OUTPUT/export.json.",
+        description="Export a LoRA run (DeepSpeed ZeRO directory, FSDP checkpoint, Lightning .ckpt, or PEFT adapter "
+        "directory) as OUTPUT/adapter (PEFT), OUTPUT/merged (Hugging Face) and OUTPUT/export.json, verified against "
+        "the trained model before it is published.",
     )
-    parser.add_argument("--checkpoint", required=True, help="ZeRO checkpoint directory, .ckpt file or adapter directory")
+    parser.add_argument("--checkpoint", required=True, help="ZeRO checkpoint directory, FSDP directory, .ckpt file or adapter directory")
     parser.add_argument("--output", required=True, help="export directory to create")
     parser.add_argument("--base-model", help="base model directory (default: the one the checkpoint records)")
     parser.add_argument("--lora-config", help="adapter_config.json or a directory holding one (default: recorded)")
-    parser.add_argument("--dtype", default="auto", help="merged weights: auto (the base's), fp32, bf16 or fp16")
+    parser.add_argument("--dtype", default="auto", help="merged weights: auto (the base's), fp32, bf16 or fp16 (or torch's names)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB")
     parser.add_argument("--prefix", help="LightningModule attribute holding the PEFT model, e.g. 'net.' (default: detected)")
     parser.add_argument("--tag", help="ZeRO tag to read instead of the one 'latest' names")
+    parser.add_argument("--adapter-name", help="the PEFT adapter to export when the model held several")
     parser.add_argument("--r", type=int, help="override the LoRA rank")
     parser.add_argument("--lora-alpha", type=float, help="override the LoRA alpha")
-    parser.add_argument("--merge-impl", default="auto", choices=["auto", "peft", "streaming"],
-                        help="peft: merge_and_unload on the whole model; streaming: one tensor at a time, "
-                        "for models larger than memory; auto (default): streaming when the model would not fit comfortably")
+    parser.add_argument("--merge-impl", default="auto", help="peft: merge_and_unload on the whole model; streaming: one "
+                        "tensor at a time, for models larger than memory; auto (default): streaming unless the whole-model "
+                        "merge and its verification fit in half of the memory this process may use")
+    parser.add_argument("--workers", type=int, default=1, help="local processes that share the merge and the verification")
     parser.add_argument("--tokenizer", help="tokenizer to ship with the merged model (default: the one the run "
                         "trained with, when the checkpoint records it, else the base model's)")
+    parser.add_argument("--device", help="where verification computes, e.g. cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-merge", action="store_true", help="write only the adapter")
-    parser.add_argument("--no-verify", action="store_true", help="skip the merged-vs-adapter comparison")
+    parser.add_argument("--no-verify", action="store_true", help="skip the check against the trained model")
     parser.add_argument("--frozen-from-checkpoint", action="store_true",
                         help="take frozen weights from the checkpoint instead of the base model directory")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export in --output (never anything else)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
@@ -78,14 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 def export_main(argv: list[str]) -> int:
     """Run the export command; returns the process exit code."""
     args = _parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one progress bar (ours), not one per model load
-    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
-    if not args.debug:
-        import warnings
-
-        warnings.simplefilter("ignore", FutureWarning)  # third-party deprecations are not the user's concern
+    _quiet(args.debug, keep_info=args.debug)
     try:
         from lightning_lora.export.pipeline import export_checkpoint
 
@@ -98,26 +94,28 @@ def export_main(argv: list[str]) -> int:
             max_shard_size=args.max_shard_size,
             prefix=args.prefix,
             tag=args.tag,
+            adapter_name=args.adapter_name,
             r=args.r,
             lora_alpha=args.lora_alpha,
-            merge_model=not args.no_merge,
+            merge=not args.no_merge,
             merge_impl=args.merge_impl,
             verify=not args.no_verify,
             overwrite=args.overwrite,
             frozen_from_checkpoint=args.frozen_from_checkpoint,
             tokenizer=args.tokenizer,
+            workers=args.workers,
+            device=args.device,
             progress=sys.stderr.isatty(),
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"lightning-lora export: error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:
+        return _fail("export", err, args.debug)
     print(_summary(Path(args.output), manifest))
     return 0
 
 
 def _summary(output: Path, manifest: dict) -> str:
+    from lightning_lora.export.verify import summarize_verification
+
     if manifest.get("unchanged"):
         return f"{output} already holds the export of these inputs: nothing to do"
     files = manifest["files"]
@@ -125,16 +123,10 @@ def _summary(output: Path, manifest: dict) -> str:
     line = (
         f"exported {len(files)} files ({size:.1f} MiB, {manifest['dtype']}, "
         f"{manifest['merge_impl'] + ' merge' if 'merged/config.json' in files else 'adapter only'}) "
-        f"to {output} in {manifest['seconds']:.1f}s"
+        f"to {output} in {manifest['seconds']:.1f}s; {summarize_verification(manifest['verification'])}"
     )
-    verification = manifest["verification"]
-    if "max_abs_logit_diff" in verification:
-        line += (
-            f"; verified: max |logit diff| {verification['max_abs_logit_diff']:.2e} <= {verification['tolerance']:.2e}, "
-            f"greedy tokens agree {100 * verification['token_agreement']:.1f}%"
-        )
-    else:
-        line += f"; not verified ({verification['skipped']})"
+    if manifest.get("adapter", "").startswith("left out"):
+        line += f"; adapter {manifest['adapter']}"
     return line
 
 
@@ -142,29 +134,32 @@ def verify_main(argv: list[str]) -> int:
     """``lightning-lora verify DIR [--base-model BASE]``: re-check an export; returns the exit code."""
     parser = argparse.ArgumentParser(
         prog="lightning-lora verify",
-        description="Re-check an export against its export.json: file hashes and sizes, tensor shapes, "
-        "and with --base-model the merged-vs-adapter logits.",
+        description="Re-check an export against its export.json (file hashes and sizes) and, with --base-model, "
+        "the merged model against the trained model rebuilt from the checkpoint (tensor by tensor, block by block).",
     )
     parser.add_argument("dir", help="an export directory (holding export.json)")
-    parser.add_argument("--base-model", help="base model directory: also compare merged and adapter logits")
+    parser.add_argument("--base-model", help="base model directory: also verify the merged model against the trained one")
+    parser.add_argument("--checkpoint", help="the run's checkpoint (default: the one export.json names; without it, "
+                        "the exported adapter is the reference)")
+    parser.add_argument("--device", help="where to compute, e.g. cpu or cuda (default: cuda when available)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = parser.parse_args(argv)
+    _quiet(args.debug, keep_info=args.debug)
     try:
         from lightning_lora.export.verify import verify_directory
 
-        report = verify_directory(Path(args.dir), args.base_model)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"lightning-lora verify: error: {err}", file=sys.stderr)
-        return 1
+        report = verify_directory(Path(args.dir), args.base_model, args.checkpoint, args.device)
+    except Exception as err:
+        return _fail("verify", err, args.debug)
     if report["problems"]:
         for problem in report["problems"]:
             print(f"lightning-lora verify: {args.dir}: {problem}", file=sys.stderr)
         return 1
     line = f"{args.dir}: {report['files_checked']} files match export.json"
-    if "logits" in report:
-        line += f"; merged vs adapter max |logit diff| {report['logits']['max_abs_logit_diff']:.2e}"
+    if "verification" in report:
+        from lightning_lora.export.verify import summarize_verification
+
+        line += f"; {summarize_verification(report['verification'])}; reference: {report['verification']['reference']}"
     print(line)
     return 0
 
@@ -210,22 +205,32 @@ def _generate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors whose message is written for the user (names the argument and the value); anything else
+# is a bug or an environment problem, reported with its type and a pointer to --debug.
+_USER_ERRORS = (ValueError, OSError)
+
+
 def _fail(command: str, err: BaseException, debug: bool) -> int:
     """One line on stderr (a library's multi-line message folded), the traceback only with --debug."""
     if debug:
         traceback.print_exc()
-    print(f"lightning-lora {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    message = " ".join(str(err).split()) or type(err).__name__
+    if not isinstance(err, _USER_ERRORS) or isinstance(err, (KeyError, UnicodeError)):
+        message = f"unexpected {type(err).__name__}: {message} (rerun with --debug for the traceback)"
+    print(f"lightning-lora {command}: error: {message}", file=sys.stderr)
     return 1
 
 
-def _quiet(debug: bool) -> None:
+def _quiet(debug: bool, keep_info: bool = False) -> None:
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # one progress bar (ours), not one per model load
+    logging.basicConfig(level=logging.INFO if keep_info else logging.WARNING, format="%(message)s")
     if not debug:
         import warnings
 
         warnings.simplefilter("ignore", FutureWarning)  # third-party deprecations are not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
         hf_logging.set_verbosity_error()
 
 
@@ -264,7 +269,7 @@ def generate_main(argv: list[str]) -> int:
             adapter=args.adapter_name, disable_adapters=args.no_adapter, batch_size=args.batch_size,
         )
         adapter = inference.active_adapter(model, args.no_adapter)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except Exception as err:
         return _fail("generate", err, args.debug)
     if args.json:
         import json
@@ -316,7 +321,7 @@ def evaluate_main(argv: list[str]) -> int:
         )
         report = {"model": args.model, "adapter": args.adapter, "data": args.data, **metrics}
         text = _write_json(report, args.output)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except Exception as err:
         return _fail("evaluate", err, args.debug)
     print(text)
     return 0

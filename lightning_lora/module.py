@@ -14,15 +14,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_lora.dtypes import IGNORE_INDEX, canonical_dtype, parse_dtype
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, config_to_dict
+from lightning_lora.export.inits import rewrites_base
 from lightning_lora.export.tokens import add_tokens, embedding_names, resize_vocab, tokenizer_files
 from lightning_lora.tiny import resolve_model_path
 
 __all__ = ["LoraFinetuneModule"]
 
-IGNORE_INDEX = -100
-ModelDType = Literal["auto", "float32", "bfloat16", "float16"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BIAS = ("none", "all", "lora_only")
 # PEFT's named initialisations; "pissa_niter_N" (fast SVD with N iterations) is accepted too.
 _INITS = ("gaussian", "olora", "pissa", "eva", "corda", "loftq", "orthogonal")
@@ -51,7 +50,8 @@ class LoraFinetuneModule(L.LightningModule):
         init_lora_weights: ``True`` (PEFT default), ``False``, ``"gaussian"``, ``"olora"``,
             ``"pissa"``, ``"pissa_niter_N"``, or another PEFT initialisation by name.
         bias: which biases to train: ``"none"``, ``"all"`` or ``"lora_only"``.
-        dtype: dtype the base weights are loaded in (``auto`` keeps the checkpoint's).
+        dtype: dtype the base weights are loaded in: ``fp32``, ``bf16``, ``fp16`` (torch's names
+            too), or ``auto`` (the checkpoint's).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         optimizer: a callable that takes the trainable parameters and returns an optimizer;
             defaults to ``AdamW(lr=2e-4, weight_decay=0.0)``.
@@ -77,7 +77,7 @@ class LoraFinetuneModule(L.LightningModule):
         use_dora: bool = False,
         init_lora_weights: bool | str = True,
         bias: Literal["none", "all", "lora_only"] = "none",
-        dtype: ModelDType = "float32",
+        dtype: str = "fp32",
         gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable | None = None,
         warmup_steps: int = 0,
@@ -94,8 +94,7 @@ class LoraFinetuneModule(L.LightningModule):
             raise ValueError(f"model.lora_dropout={lora_dropout!r} must be in [0, 1)")
         if bias not in _BIAS:
             raise ValueError(f"model.bias={bias!r} is not one of {list(_BIAS)}")
-        if dtype != "auto" and dtype not in _DTYPES:
-            raise ValueError(f"model.dtype={dtype!r} is not one of {['auto', *_DTYPES]}")
+        dtype = canonical_dtype(dtype, "model.dtype")
         if isinstance(init_lora_weights, str) and not (
             init_lora_weights in _INITS or re.fullmatch(r"pissa_niter_\d+", init_lora_weights)
         ):
@@ -160,8 +159,8 @@ class LoraFinetuneModule(L.LightningModule):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
         strategy = self._deepspeed_strategy()
-        if strategy is not None and strategy.zero_stage_3:
-            self._check_zero3_support()
+        if strategy is not None:
+            self._check_deepspeed_support(strategy)
         if self.added_tokens:
             self._add_tokens(base)
         # PEFT upcasts adapters of a half-precision base to fp32 for stable training. DeepSpeed keeps
@@ -222,7 +221,7 @@ class LoraFinetuneModule(L.LightningModule):
         from transformers import AutoModelForCausalLM
 
         path = resolve_model_path(self.model_name_or_path)
-        dtype = "auto" if self.dtype_name == "auto" else _DTYPES[self.dtype_name]
+        dtype = parse_dtype(self.dtype_name, "model.dtype") or "auto"
         strategy = self._deepspeed_strategy()
         try:
             if strategy is None or not strategy.zero_stage_3:
@@ -242,10 +241,19 @@ class LoraFinetuneModule(L.LightningModule):
         except OSError as err:
             raise OSError(f"model.model_name_or_path={self.model_name_or_path!r} could not be loaded: {err}") from err
 
-    def _check_zero3_support(self) -> None:
+    def _check_deepspeed_support(self, strategy: Any) -> None:
+        """Refuse, before training, what DeepSpeed would train wrongly or checkpoint unexportably."""
+        init = self.lora_settings["init_lora_weights"]
+        if rewrites_base({"init_lora_weights": init}) and strategy.exclude_frozen_parameters and not strategy.zero_stage_3:
+            raise ValueError(
+                f"model.init_lora_weights={init!r} rewrites the base weights, and the strategy's "
+                "exclude_frozen_parameters=True (set by the DeepSpeed presets) leaves them out of every checkpoint, "
+                "so the trained model could not be exported: set exclude_frozen_parameters: false"
+            )
+        if not strategy.zero_stage_3:
+            return
         # These initialisations read the base weights while PEFT builds the adapters, which under
         # ZeRO-3 are still empty partitions: they would silently start from garbage.
-        init = self.lora_settings["init_lora_weights"]
         if self.added_tokens:
             raise ValueError(
                 "model.added_tokens is not supported with DeepSpeed ZeRO-3 (PEFT initialises trainable "

@@ -45,6 +45,16 @@ def describe(arch: str, args: list[str]) -> tuple[str, str, str, str]:
         variants.append(f"`modules_to_save=[{_option(args, '--modules-to-save', '')}]`")
     if "--added-tokens" in args:
         variants.append("3 added tokens")
+    if "--init" in args:
+        variants.append(f"`init_lora_weights={_option(args, '--init', '')}`")
+    if "--rank-pattern" in args:
+        variants.append("`rank_pattern`")
+    if "--lora-bias" in args:
+        variants.append("`lora_bias`")
+    if "--export-shard-size" in args:
+        variants.append("`HFExport` shared by every rank")
+    if "--adapter-name" in args:
+        variants.append(f"adapter named `{_option(args, '--adapter-name', '')}`")
     return label, processes, precision, ", ".join(variants)
 
 

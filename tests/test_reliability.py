@@ -18,7 +18,7 @@ import pytest
 
 from lightning_lora.cli import export_main, verify_main
 from lightning_lora.export import ExportError, export_checkpoint, verify_directory
-from lightning_lora.export import verify as verify_module
+from lightning_lora.export import function_check
 
 
 def _export_args(run: Path, base: Path, output: Path, *extra: str) -> list[str]:
@@ -96,8 +96,8 @@ def test_failed_verification_publishes_nothing_and_keeps_the_report(
     trained_runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run, base = trained_runs("single-fp32")
-    # No merged model can be within a negative tolerance: this forces the verification to fail.
-    monkeypatch.setattr(verify_module, "TOLERANCE", {dtype: -1.0 for dtype in verify_module.TOLERANCE})
+    # No merged model can be within a negative tolerance: this forces the function check to fail.
+    monkeypatch.setattr(function_check, "SAFETY", -1.0)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match=r"verification failed.*out\.failed"):
         export_checkpoint(run / "ckpt", out, base_model=base, progress=False)

@@ -1,31 +1,34 @@
 """HFExport: at the end of a successful fit, export the PEFT adapter and the merged model.
 
-This callback decides *when* and *on which rank*; :mod:`lightning_lora.export` decides *how*.
+This callback decides *when* and *on which ranks*; :mod:`lightning_lora.export` decides *how*.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_lora.export.checkpoint import CHECKPOINT_KEY, TrainedCheckpoint, config_to_dict
-from lightning_lora.export.fsdp import FSDPCheckpointError, check_fsdp_files, is_fsdp_checkpoint
-from lightning_lora.export.keys import normalize_keys
-from lightning_lora.export.merge import DTYPES
-from lightning_lora.export.pipeline import export_checkpoint
-from lightning_lora.export.stream import MERGE_IMPLS, parse_size
+from lightning_lora.errors import ExportError
+from lightning_lora.export.checkpoint import CHECKPOINT_KEY, TrainedCheckpoint, config_to_dict, recorded_step
+from lightning_lora.export.fsdp import check_fsdp_files, is_fsdp_checkpoint
+from lightning_lora.export.inits import rewrites_base
+from lightning_lora.export.keys import normalize_keys, select_adapter
+from lightning_lora.export.options import ExportOptions
+from lightning_lora.export.pipeline import export_checkpoint, export_shared
 from lightning_lora.export.tokens import tokenizer_files
-from lightning_lora.export.zero import ZeroCheckpointError, check_rank_files, read_model_states, resolve_zero_tag
+from lightning_lora.export.zero import check_rank_files, read_model_states, resolve_zero_tag
 
 __all__ = ["HFExport"]
 
-# Probe sequences taken from the validation data for the merged-vs-adapter comparison.
+# Probe sequences taken from the validation data to start the verification's probes with.
 _PROBE_SEQUENCES = 4
 _PROBE_TOKENS = 64
 
@@ -36,9 +39,9 @@ class HFExport(L.Callback):
     Works with :class:`~lightning_lora.LoraFinetuneModule` and with any LightningModule that holds
     a ``peft.PeftModel`` under any attribute. Single device and DDP export from memory on global
     rank 0. DeepSpeed and FSDP, whose ranks each hold a shard, save the final checkpoint (or reuse
-    the one ``ModelCheckpoint`` just wrote at the same step), check that every rank's shard is
-    visible, and then rank 0 alone reads it back and exports, so that no rank waits in a collective
-    for the length of the export.
+    the one ``ModelCheckpoint`` wrote at this very step); then every rank merges and verifies its
+    share of the output shards and rank 0 publishes once all succeeded. Ranks meet through files,
+    never in a collective that could outlive the process group's timeout.
 
     Args:
         dirpath: the export directory (``adapter/``, ``merged/``, ``export.json``).
@@ -47,10 +50,10 @@ class HFExport(L.Callback):
         dtype: dtype of the merged weights: ``auto`` (the base's), ``fp32``, ``bf16``, ``fp16``.
         max_shard_size: largest safetensors shard of the merged model.
         merge_impl: ``peft`` (``merge_and_unload`` in memory), ``streaming`` (one tensor at a time),
-            or ``auto`` (streaming when the model would not fit comfortably in memory).
-        verify: reload both and compare their logits and greedy generations; a failure publishes nothing.
+            or ``auto`` (streaming unless the model fits comfortably in memory).
+        verify: check the merged model against the trained one; a failure publishes nothing.
         base_model: the base model directory; by default the one the PEFT config names.
-        overwrite: replace an existing export in ``dirpath``.
+        overwrite: replace an existing export in ``dirpath`` (never anything else).
         export_on_exception: when fit fails, export the last checkpoint ``ModelCheckpoint`` wrote
             (the last good state) instead of nothing.
     """
@@ -60,7 +63,7 @@ class HFExport(L.Callback):
         dirpath: str,
         merge: bool = True,
         save_adapter: bool = True,
-        dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+        dtype: Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"] = "auto",
         max_shard_size: str = "5GB",
         merge_impl: Literal["auto", "peft", "streaming"] = "auto",
         verify: bool = True,
@@ -68,27 +71,32 @@ class HFExport(L.Callback):
         overwrite: bool = False,
         export_on_exception: bool = False,
     ) -> None:
-        if dtype != "auto" and dtype not in DTYPES:
-            raise ValueError(f"HFExport dtype={dtype!r} is not one of {['auto', *DTYPES]}")
-        if not merge and not save_adapter:
-            raise ValueError("HFExport with merge=False and save_adapter=False would export nothing")
-        self.dirpath = Path(dirpath)
-        self.merge = merge
-        self.save_adapter = save_adapter
-        self.dtype = dtype
         try:
-            parse_size(max_shard_size)
-        except ValueError as err:
-            raise ValueError(f"HFExport max_shard_size={max_shard_size!r} is not a size like '5GB' or '500MB'") from err
-        self.max_shard_size = max_shard_size
-        if merge_impl not in MERGE_IMPLS:
-            raise ValueError(f"HFExport merge_impl={merge_impl!r} is not one of {list(MERGE_IMPLS)}")
-        self.merge_impl = merge_impl
-        self.verify = verify
-        self.base_model = base_model
-        self.overwrite = overwrite
+            # Validated here, where the callback is built, not at the end of a long run.
+            self.options = ExportOptions(base_model=base_model, dtype=dtype, max_shard_size=max_shard_size, merge=merge,
+                                         merge_impl=merge_impl, save_adapter=save_adapter, verify=verify, overwrite=overwrite)
+        except ExportError as err:  # name the argument of this class, not the command's option
+            message = re.sub(r"^--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(err))
+            raise ValueError(f"HFExport {message}") from err
+        self.dirpath = Path(dirpath)
         self.export_on_exception = export_on_exception
         self.result: dict[str, Any] | None = None
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Refuse, before the first step, a run whose result could not be exported correctly.
+        _name, peft_model = _find_peft_model(pl_module)
+        config = config_to_dict(peft_model.peft_config[peft_model.active_adapter])
+        strategy = trainer.strategy
+        if rewrites_base(config) and isinstance(strategy, DeepSpeedStrategy):
+            init = config.get("init_lora_weights")
+            if strategy.zero_stage_3:
+                raise ValueError(f"init_lora_weights={init!r} rewrites base weights, which DeepSpeed ZeRO-3 holds as "
+                                 "empty partitions when PEFT initialises: train it with ZeRO-2 or DDP")
+            if getattr(strategy, "exclude_frozen_parameters", False):
+                raise ValueError(f"init_lora_weights={init!r} rewrites base weights, and DeepSpeedStrategy("
+                                 "exclude_frozen_parameters=True) would leave them out of every checkpoint, so the "
+                                 "trained model could not be exported: set exclude_frozen_parameters=False")
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -101,62 +109,56 @@ class HFExport(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_end runs only when the fit loop finished (not after an exception), before the
         # strategy tears down, so a DeepSpeed engine is still there to save a checkpoint.
-        sharded = isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy))
-        if sharded:
-            checkpoint = self._save_sharded_checkpoint(trainer)  # a collective: every rank takes part
-        if not trainer.is_global_zero:
-            return
         described = _describe_peft_model(pl_module, trainer)
-        source = checkpoint if sharded else _from_memory(trainer, pl_module, described)
-        self.result = self._export(source, described, _validation_probes(trainer))
-        verification = self.result["verification"]
-        summary = f"HFExport: wrote {self.dirpath}"
-        if "max_abs_logit_diff" in verification:
-            summary += (
-                f"; merged vs adapter max |logit diff| {verification['max_abs_logit_diff']:.2e} "
-                f"(tolerance {verification['tolerance']:.2e}), generated tokens agree {100 * verification['token_agreement']:.1f}%"
-            )
-        rank_zero_info(summary)
+        settings = self._settings(described, _validation_probes(trainer))
+        if isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)):
+            checkpoint = self._final_checkpoint(trainer)  # a collective: every rank takes part
+            self.result = export_shared(checkpoint, self.dirpath, trainer.global_rank, trainer.world_size,
+                                        trainer.strategy.broadcast, **settings)
+        elif trainer.is_global_zero:
+            self.result = export_checkpoint(_from_memory(trainer, pl_module, described), self.dirpath, **settings)
+        if self.result is not None:
+            from lightning_lora.export.verify import summarize_verification
+
+            rank_zero_info(f"HFExport: wrote {self.dirpath}; {summarize_verification(self.result['verification'])}")
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not self.export_on_exception or not trainer.is_global_zero:
             return
-        callback = trainer.checkpoint_callback
-        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-        if not last or not Path(last).exists():
+        last = _last_written(trainer)
+        if last is None:
             rank_zero_warn(f"HFExport: fit failed ({exception!r}) and no checkpoint was written yet: nothing to export")
             return
         described = _describe_peft_model(pl_module, trainer)
         try:
-            self.result = self._export(Path(last), described, probes=None)
+            self.result = export_checkpoint(last, self.dirpath, **self._settings(described, None))
         except Exception as err:  # the training failure is what the user must see first
-            rank_zero_warn(f"HFExport: exporting the last checkpoint {last!r} after the failure failed too: {err}")
+            rank_zero_warn(f"HFExport: exporting the last checkpoint {str(last)!r} after the failure failed too: {err}")
             return
         rank_zero_info(f"HFExport: fit failed; exported the last checkpoint {last} (step {self.result['global_step']}) to {self.dirpath}")
 
-    def _export(self, source: Path | TrainedCheckpoint, described: dict[str, Any], probes: list[list[int]] | None) -> dict[str, Any]:
-        return export_checkpoint(
-            source,
-            self.dirpath,
-            base_model=self.base_model or described["base_model"],
-            lora_config=described["peft_config"],
-            dtype=self.dtype,
-            max_shard_size=self.max_shard_size,
-            prefix=described["prefix"],
-            merge_model=self.merge,
-            merge_impl=self.merge_impl,
-            save_adapter_dir=self.save_adapter,
-            verify=self.verify,
-            overwrite=self.overwrite,
-            probes=probes,
-            progress=False,
-        )
+    def _settings(self, described: dict[str, Any], probes: list[list[int]] | None) -> dict[str, Any]:
+        from dataclasses import asdict
 
-    def _save_sharded_checkpoint(self, trainer: L.Trainer) -> Path:
-        """Save (or reuse) the final DeepSpeed or FSDP checkpoint on all ranks; fail on all ranks if
-        rank 0 cannot see it whole."""
-        checkpoint = _reusable_checkpoint(trainer)
+        options = asdict(self.options)
+        return {**options, "base_model": options["base_model"] or described["base_model"],
+                "lora_config": described["peft_config"], "prefix": described["prefix"], "probes": probes}
+
+    def _final_checkpoint(self, trainer: L.Trainer) -> Path:
+        """The DeepSpeed or FSDP checkpoint of this step: the one ModelCheckpoint wrote at it, or a
+        new one (all ranks save); every rank fails together if rank 0 cannot see it whole."""
+        decision = {"reuse": "", "problem": ""}
+        if trainer.is_global_zero:
+            try:
+                reusable = _checkpoint_at_step(trainer, trainer.global_step)
+                decision["reuse"] = str(reusable) if reusable is not None else ""
+            except Exception as err:  # every failure here must reach all ranks
+                decision["problem"] = f"{type(err).__name__}: {err}"
+        decision = trainer.strategy.broadcast(decision, src=0)
+        if decision["problem"]:
+            raise ExportError(f"HFExport: {decision['problem']}")
+        checkpoint = Path(decision["reuse"]) if decision["reuse"] else None
         if checkpoint is None:
             kind = "zero" if isinstance(trainer.strategy, DeepSpeedStrategy) else "fsdp"
             checkpoint = self.dirpath.with_name(f"{self.dirpath.name}-{kind}.ckpt")
@@ -170,22 +172,38 @@ class HFExport(L.Callback):
                     tag_dir = resolve_zero_tag(checkpoint)
                     check_rank_files(tag_dir, read_model_states(tag_dir))
                 # else: an FSDP full state dict, one file that rank 0 wrote itself
-            except (ZeroCheckpointError, FSDPCheckpointError) as err:
-                problem = str(err)
+            except Exception as err:  # an OSError of a network filesystem as much as a missing shard
+                problem = str(err) if isinstance(err, ExportError) else f"{type(err).__name__}: {err}"
         # One short collective so that every rank fails together instead of rank 0 alone.
         problem = trainer.strategy.broadcast(problem, src=0)
         if problem:
-            raise ZeroCheckpointError(problem)
+            raise ExportError(problem)
         return checkpoint
 
 
-def _reusable_checkpoint(trainer: L.Trainer) -> Path | None:
-    """The checkpoint ModelCheckpoint wrote at this very step, if there is one."""
-    callback = trainer.checkpoint_callback
-    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-    if path and getattr(callback, "_last_global_step_saved", -1) == trainer.global_step and Path(path).exists():
-        return Path(path)
+def _written_checkpoints(trainer: L.Trainer) -> list[Path]:
+    """Every checkpoint the ModelCheckpoint callbacks know of that is still on disk."""
+    paths: list[str] = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            paths += [getattr(callback, "_last_checkpoint_saved", ""), callback.last_model_path, callback.best_model_path,
+                      *callback.best_k_models]
+    return [Path(p) for p in dict.fromkeys(p for p in paths if p) if Path(p).exists()]
+
+
+def _checkpoint_at_step(trainer: L.Trainer, step: int) -> Path | None:
+    """The checkpoint written at ``step`` (its own record says so), if there is one."""
+    for path in _written_checkpoints(trainer):
+        if recorded_step(path) == step:
+            return path
     return None
+
+
+def _last_written(trainer: L.Trainer) -> Path | None:
+    """The checkpoint of the latest step among those written, the newest file on a tie."""
+    steps = [(recorded_step(path), path.stat().st_mtime_ns, path) for path in _written_checkpoints(trainer)]
+    steps = [entry for entry in steps if entry[0] is not None]
+    return max(steps, key=lambda entry: (entry[0], entry[1]))[2] if steps else None
 
 
 def _find_peft_model(pl_module: L.LightningModule) -> tuple[str, Any]:
@@ -216,12 +234,18 @@ def _describe_peft_model(pl_module: L.LightningModule, trainer: L.Trainer) -> di
 
 
 def _from_memory(trainer: L.Trainer, pl_module: L.LightningModule, described: dict[str, Any]) -> TrainedCheckpoint:
-    """The trained tensors of a module whose parameters rank 0 holds whole (single device, DDP);
-    ``described`` is :func:`_describe_peft_model`'s account of it."""
-    trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-    state = {n: t.detach().to("cpu", copy=True) for n, t in pl_module.state_dict().items() if n in trainable}
+    """The trained tensors of a module whose parameters rank 0 holds whole (single device, DDP),
+    copied to the CPU, and its frozen weights as they are (an initialisation may have rewritten
+    them); ``described`` is :func:`_describe_peft_model`'s account of it."""
+    trained, frozen = {}, {}
+    for name, param in pl_module.named_parameters():
+        if param.requires_grad:
+            trained[name] = param.detach().to("cpu", copy=True)
+        else:
+            frozen[name] = param.detach()
+    adapter = _find_peft_model(pl_module)[1].active_adapter
     return TrainedCheckpoint(
-        tensors=normalize_keys(state, described["prefix"]),
+        tensors=select_adapter(normalize_keys(trained, described["prefix"]), adapter)[1],
         source=f"{type(pl_module).__name__} in memory",
         kind="memory",
         lora_config=described["peft_config"],
@@ -229,6 +253,8 @@ def _from_memory(trainer: L.Trainer, pl_module: L.LightningModule, described: di
         global_step=trainer.global_step,
         vocab_size=described["vocab_size"],
         tokenizer_files=described.get("tokenizer"),
+        frozen=select_adapter(normalize_keys(frozen, described["prefix"]), adapter, strict=False)[1],
+        adapter_name=adapter,
     )
 
 
@@ -247,5 +273,7 @@ def _validation_probes(trainer: L.Trainer) -> list[list[int]] | None:
         return None
     ids = batch["input_ids"]
     mask = batch.get("attention_mask", torch.ones_like(ids))
+    if "position_ids" in batch and "attention_mask" not in batch:
+        return None  # packed rows: examples run together
     probes = [row[m.bool()][:_PROBE_TOKENS].tolist() for row, m in zip(ids[:_PROBE_SEQUENCES], mask)]
     return [p for p in probes if p] or None

@@ -1,4 +1,5 @@
-"""Read any finished LoRA run into one shape: trained tensors keyed like the PEFT model, plus metadata.
+"""Read any finished LoRA run into one shape: trained tensors keyed like the PEFT model, the frozen
+weights the checkpoint holds (read lazily), and what the run recorded about itself.
 
 Sources: a DeepSpeed ZeRO directory, a sharded FSDP checkpoint directory, a Lightning ``.ckpt``
 file (FSDP's full state dict included), or a PEFT adapter directory.
@@ -7,17 +8,28 @@ file (FSDP's full state dict included), or a PEFT adapter directory.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lightning_lora.errors import ExportError
 from lightning_lora.export.fsdp import is_fsdp_checkpoint, read_fsdp_checkpoint
-from lightning_lora.export.keys import normalize_keys
+from lightning_lora.export.keys import normalize_keys, select_adapter
 from lightning_lora.export.zero import is_zero_checkpoint, read_zero_checkpoint, resolve_zero_tag
 
-__all__ = ["CHECKPOINT_KEY", "TrainedCheckpoint", "config_to_dict", "load_checkpoint", "lora_config_from_dict"]
+__all__ = [
+    "CHECKPOINT_KEY",
+    "Renamed",
+    "TrainedCheckpoint",
+    "config_to_dict",
+    "load_checkpoint",
+    "lora_config_from_dict",
+    "read_adapter_config",
+    "recorded_step",
+]
 
 # Where LoraFinetuneModule and HFExport record what the export needs, inside any Lightning checkpoint.
 CHECKPOINT_KEY = "lightning_lora"
@@ -30,8 +42,10 @@ class TrainedCheckpoint:
     Attributes:
         tensors: by PEFT-model key (``base_model.model....lora_A.default.weight``); for an adapter
             directory, by PEFT's adapter-file key (``...lora_A.weight``), see ``adapter_format``.
+            A Lightning ``.ckpt`` holds every parameter here (memory-mapped: untouched ones cost
+            nothing); other sources hold only the trained ones.
         source: the path read.
-        kind: ``"deepspeed"``, ``"fsdp"`` (sharded), ``"lightning"`` or ``"adapter"``.
+        kind: ``"deepspeed"``, ``"fsdp"`` (sharded), ``"lightning"``, ``"adapter"`` or ``"memory"``.
         lora_config: the PEFT ``LoraConfig`` as a dict, if the checkpoint carries it.
         base_model: the base model the run trained on, if recorded.
         global_step: the optimizer step the checkpoint was taken at, if recorded.
@@ -40,6 +54,10 @@ class TrainedCheckpoint:
         vocab_size: rows of the trained model's input embeddings, if recorded (larger than the
             base's when the run added tokens).
         tokenizer_files: the tokenizer the run trained with, as ``save_pretrained`` files, if recorded.
+        frozen: frozen weights stored apart from ``tensors`` (ZeRO, sharded FSDP, a module in
+            memory), by PEFT-model key, each read when it is accessed; ``None`` when the source
+            keeps none apart. An initialisation that rewrote the base is read from here.
+        adapter_name: the PEFT adapter the tensors belong to, renamed to ``default`` in ``tensors``.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -52,6 +70,48 @@ class TrainedCheckpoint:
     tag: str | None = None
     vocab_size: int | None = None
     tokenizer_files: dict[str, str] | None = None
+    frozen: Mapping[str, torch.Tensor] | None = None
+    adapter_name: str = "default"
+
+    def frozen_tensors(self, trainable: set[str]) -> Mapping[str, torch.Tensor]:
+        """Every frozen weight the checkpoint holds: ``tensors`` less the ``trainable`` keys, and ``frozen``."""
+        inline = {key: value for key, value in self.tensors.items() if key not in trainable}
+        if not self.frozen:
+            return inline
+        return _Chained(inline, self.frozen)
+
+
+class _Chained(Mapping[str, torch.Tensor]):
+    """Two mappings read as one (the first wins); values are fetched only on access."""
+
+    def __init__(self, first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> None:
+        self.first, self.second = first, second
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.first[key] if key in self.first else self.second[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.first
+        yield from (key for key in self.second if key not in self.first)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class Renamed(Mapping[str, torch.Tensor]):
+    """A lazy mapping read under other key names (``names``: new name -> the mapping's own)."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], names: dict[str, str]) -> None:
+        self.source, self.names = source, names
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.source[self.names[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def lora_config_from_dict(config: dict[str, Any]) -> Any:
@@ -64,69 +124,98 @@ def lora_config_from_dict(config: dict[str, Any]) -> Any:
     return LoraConfig(**{key: value for key, value in config.items() if key in known})
 
 
-def _metadata(client_state: dict[str, Any]) -> dict[str, Any]:
-    """The LoRA config, base model and attribute prefix recorded in a Lightning checkpoint."""
-    recorded = dict(client_state.get(CHECKPOINT_KEY) or {})
-    if "peft_config" not in recorded:
-        # A checkpoint of LoraFinetuneModule written before it recorded CHECKPOINT_KEY: rebuild
-        # the config from its hyperparameters.
-        hparams = client_state.get("hyper_parameters") or {}
-        if "model_name_or_path" in hparams and "r" in hparams:
-            from lightning_lora.module import LoraFinetuneModule
-
-            config = LoraFinetuneModule(**hparams).lora_config()
-            recorded.setdefault("peft_config", config_to_dict(config))
-            recorded.setdefault("base_model", config.base_model_name_or_path)
-            recorded.setdefault("prefix", "model.")
-    return recorded
-
-
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-serialisable dict of a PEFT config (sets become sorted lists)."""
     return json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
+def read_adapter_config(path: str | Path, argument: str) -> dict[str, Any]:
+    """An ``adapter_config.json`` (or the directory holding one) as a dict; one-line errors name the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "adapter_config.json"
+    if not path.is_file():
+        raise ExportError(f"{argument}={str(path.parent if path.name == 'adapter_config.json' else path)!r}: no adapter_config.json there")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ExportError(f"{argument}: {str(path)!r} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ExportError(f"{argument}: {str(path)!r} is not a PEFT adapter config (a JSON object)")
+    return config
+
+
+# LoraFinetuneModule's hyperparameters that are LoraConfig fields of the same name.
+_LORA_HPARAMS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora", "use_dora",
+                 "init_lora_weights", "bias")
+
+
+def _metadata(client_state: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA config, base model and attribute prefix recorded in a Lightning checkpoint."""
+    recorded = dict(client_state.get(CHECKPOINT_KEY) or {})
+    if "peft_config" not in recorded:
+        # A checkpoint of LoraFinetuneModule written before it recorded CHECKPOINT_KEY: its
+        # hyperparameters name the LoRA settings and the base model.
+        hparams = client_state.get("hyper_parameters") or {}
+        if "model_name_or_path" in hparams and "r" in hparams:
+            config = {key: hparams[key] for key in _LORA_HPARAMS if key in hparams}
+            recorded.setdefault("peft_config", {**config, "peft_type": "LORA", "task_type": "CAUSAL_LM"})
+            recorded.setdefault("base_model", hparams["model_name_or_path"])
+            recorded.setdefault("prefix", "model.")
+    return recorded
+
+
 def load_checkpoint(
-    path: str | Path, prefix: str | None = None, tag: str | None = None, include_frozen: bool = False
+    path: str | Path, prefix: str | None = None, tag: str | None = None, adapter_name: str | None = None
 ) -> TrainedCheckpoint:
-    """Read a ZeRO directory, a Lightning ``.ckpt`` file or a PEFT adapter directory.
+    """Read a ZeRO directory, an FSDP directory, a Lightning ``.ckpt`` file or a PEFT adapter directory.
 
     Args:
         path: the checkpoint.
         prefix: the LightningModule attribute holding the PEFT model (e.g. ``"net."``); recorded
             or detected when ``None``.
         tag: the ZeRO tag to read instead of the one ``latest`` names.
-        include_frozen: also read frozen weights (needed without a base model directory).
+        adapter_name: the PEFT adapter to export when the model held several (``--adapter-name``).
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--checkpoint={str(path)!r} does not exist")
+        raise ExportError(f"--checkpoint={str(path)!r} does not exist")
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return _load_adapter_dir(path)
+    frozen: Mapping[str, torch.Tensor] | None = None
     if tag is None and is_fsdp_checkpoint(path):
-        tensors, client_state = read_fsdp_checkpoint(path, include_frozen=include_frozen)
+        tensors, frozen, client_state = read_fsdp_checkpoint(path)
         kind = "fsdp"
     elif tag is not None or (path.is_dir() and is_zero_checkpoint(path)):
         tag_dir = resolve_zero_tag(path, tag)
-        tensors, client_state = read_zero_checkpoint(tag_dir, include_frozen=include_frozen)
+        tensors, frozen, client_state = read_zero_checkpoint(tag_dir)
         kind, tag = "deepspeed", tag_dir.name
     elif path.is_file():
         try:
             checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         except Exception as err:  # torch raises several types for a truncated or foreign file
-            raise ValueError(f"--checkpoint={str(path)!r} is not a readable Lightning checkpoint: {err}") from err
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(f"--checkpoint={str(path)!r} holds no 'state_dict': not a Lightning checkpoint")
+            raise ExportError(f"--checkpoint={str(path)!r} is not a readable Lightning checkpoint: {err}") from err
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise ExportError(f"--checkpoint={str(path)!r} holds no 'state_dict': not a Lightning checkpoint")
         tensors, client_state, kind = checkpoint["state_dict"], checkpoint, "lightning"
     else:
-        raise ValueError(
+        raise ExportError(
             f"--checkpoint={str(path)!r} is neither a DeepSpeed ZeRO directory (with 'latest'), a sharded "
             "FSDP checkpoint (with .metadata), a Lightning .ckpt file, nor a PEFT adapter directory (with adapter_config.json)"
         )
     recorded = _metadata(client_state)
     prefix = prefix if prefix is not None else recorded.get("prefix")
+    try:
+        tensors = normalize_keys(tensors, prefix)
+        chosen, tensors = select_adapter(tensors, adapter_name)
+        if frozen:
+            names = normalize_keys({key: key for key in frozen}, prefix)
+            kept = select_adapter(names, chosen, strict=False)[1]  # other adapters' (frozen) tensors are left out
+            frozen = Renamed(frozen, kept)
+    except ValueError as err:
+        raise ExportError(f"--checkpoint={str(path)!r}: {err}") from err
     return TrainedCheckpoint(
-        tensors=normalize_keys(tensors, prefix),
+        tensors=tensors,
         source=str(path),
         kind=kind,
         lora_config=recorded.get("peft_config"),
@@ -135,22 +224,28 @@ def load_checkpoint(
         tag=tag,
         vocab_size=recorded.get("vocab_size"),
         tokenizer_files=recorded.get("tokenizer"),
+        frozen=frozen or None,
+        adapter_name=chosen,
     )
 
 
 def _load_adapter_dir(path: Path) -> TrainedCheckpoint:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    config = json.loads((path / "adapter_config.json").read_text())
+    config = read_adapter_config(path, "--checkpoint")
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"--checkpoint={str(path)!r} is a {config['peft_type']} adapter; only LoRA is supported")
+        raise ExportError(f"--checkpoint={str(path)!r} is a {config['peft_type']} adapter; only LoRA is supported")
     weights = path / "adapter_model.safetensors"
-    if weights.is_file():
-        tensors = load_file(weights)
-    elif (path / "adapter_model.bin").is_file():
-        tensors = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"--checkpoint={str(path)!r} has adapter_config.json but no adapter_model.safetensors")
+    try:
+        if weights.is_file():
+            tensors = load_file(weights)
+        elif (path / "adapter_model.bin").is_file():
+            tensors = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise ExportError(f"--checkpoint={str(path)!r} has adapter_config.json but no adapter_model.safetensors")
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ExportError(f"--checkpoint={str(path)!r}: its adapter weights are not readable: {err}") from err
     return TrainedCheckpoint(
         tensors=tensors,
         source=str(path),
@@ -159,3 +254,22 @@ def _load_adapter_dir(path: Path) -> TrainedCheckpoint:
         base_model=config.get("base_model_name_or_path"),
         adapter_format=True,
     )
+
+
+def recorded_step(path: str | Path) -> int | None:
+    """The ``global_step`` a Lightning checkpoint (file, ZeRO or FSDP directory) records, or ``None``
+    if it records none or cannot be read. Reads only the small metadata, memory-mapped."""
+    path = Path(path)
+    try:
+        if path.is_dir() and is_fsdp_checkpoint(path):
+            state = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        elif path.is_dir():
+            from lightning_lora.export.zero import read_model_states
+
+            state = read_model_states(resolve_zero_tag(path))
+        else:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # an unreadable candidate is simply not the one that is looked for
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return int(step) if isinstance(step, int) else None

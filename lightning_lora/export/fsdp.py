@@ -7,17 +7,20 @@ Such a checkpoint is a directory written by ``torch.distributed.checkpoint`` (``
 read like any Lightning checkpoint.
 
 Only the tensors an export needs are read, in one process, without a process group: the adapter's
-(LoRA, ``modules_to_save``, trainable tokens, biases), and the frozen weights only on request.
+(LoRA, ``modules_to_save``, trainable tokens, biases) at once, frozen weights one at a time when asked for.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["FSDPCheckpointError", "check_fsdp_files", "is_fsdp_checkpoint", "read_fsdp_checkpoint"]
+from lightning_lora.errors import ExportError
+
+__all__ = ["FSDPCheckpointError", "FSDPFrozenTensors", "check_fsdp_files", "is_fsdp_checkpoint", "read_fsdp_checkpoint"]
 
 _METADATA = ".metadata"
 _LIGHTNING_META = "meta.pt"  # lightning.fabric.strategies.fsdp._METADATA_FILENAME
@@ -25,7 +28,7 @@ _LIGHTNING_META = "meta.pt"  # lightning.fabric.strategies.fsdp._METADATA_FILENA
 _TRAINED_MARKS = (".lora_", ".modules_to_save.", ".trainable_tokens_")
 
 
-class FSDPCheckpointError(ValueError):
+class FSDPCheckpointError(ExportError):
     """A sharded FSDP checkpoint directory that cannot be read as it is."""
 
 
@@ -59,31 +62,58 @@ def check_fsdp_files(path: Path) -> int:
     return len(files)
 
 
-def _model_keys(metadata: Any, include_frozen: bool) -> dict[str, str]:
-    """Flattened checkpoint key -> parameter name, for the tensors of ``"model"`` to read."""
-    keys = {}
+def _model_keys(metadata: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """Flattened checkpoint key -> parameter name of the module's tensors: (trained, frozen)."""
+    trained, frozen = {}, {}
     for flat, path in metadata.planner_data.items():
         if len(path) != 2 or path[0] != "model":
             continue  # optimizer state, or not a tensor of the module
         name = str(path[1])
-        if include_frozen or any(mark in name for mark in _TRAINED_MARKS) or name.endswith(".bias"):
-            keys[flat] = name
-    return keys
+        if any(mark in name for mark in _TRAINED_MARKS) or name.endswith(".bias"):
+            trained[flat] = name
+        else:
+            frozen[flat] = name
+    return trained, frozen
 
 
-def read_fsdp_checkpoint(path: Path, include_frozen: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The module tensors of a sharded FSDP checkpoint (adapter tensors, plus frozen ones on
-    request), each whole, and the rest of the Lightning checkpoint from ``meta.pt``."""
+def _read(path: Path, keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors of ``keys`` (flattened key -> name), each whole, read without a process group."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    check_fsdp_files(path)
-    keys = _model_keys(_metadata(path), include_frozen)
+    if not keys:
+        return {}
     state: dict[str, Any] = {}
-    if keys:
-        _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
-    tensors = dict(state.get("model", {}))
+    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
+    return dict(state.get("model", {}))
+
+
+class FSDPFrozenTensors(Mapping[str, torch.Tensor]):
+    """The frozen weights of a sharded FSDP checkpoint by parameter name, each read (whole) on access."""
+
+    def __init__(self, path: Path, keys: dict[str, str]) -> None:
+        self.path = path
+        self._flat = {name: flat for flat, name in keys.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._flat:
+            raise KeyError(name)
+        return _read(self.path, {self._flat[name]: name})[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._flat)
+
+    def __len__(self) -> int:
+        return len(self._flat)
+
+
+def read_fsdp_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], FSDPFrozenTensors, dict[str, Any]]:
+    """The trained module tensors of a sharded FSDP checkpoint, each whole; its frozen weights,
+    read one at a time on access; and the rest of the Lightning checkpoint from ``meta.pt``."""
+    check_fsdp_files(path)
+    trained_keys, frozen_keys = _model_keys(_metadata(path))
+    tensors = _read(path, trained_keys)
     meta = path / _LIGHTNING_META
     client_state = torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
-    return tensors, client_state
+    return tensors, FSDPFrozenTensors(path, frozen_keys), client_state

@@ -10,7 +10,6 @@ Layout of an export directory::
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -22,25 +21,80 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 
-from lightning_lora.export.merge import ExportError
+from lightning_lora.errors import ExportError
 
 log = logging.getLogger("lightning_lora")
 
 __all__ = [
+    "MANIFEST_FORMAT",
     "check_free_space",
+    "check_inputs_apart",
+    "check_output",
     "file_manifest",
     "keep_failed",
     "package_versions",
     "publish_atomically",
     "recover_interrupted",
-    "save_adapter",
-    "save_merged",
     "save_tokenizer",
     "write_json",
 ]
+
+
+MANIFEST_FORMAT = 2
+
+
+def _export_manifest(directory: Path) -> dict[str, Any] | None:
+    """The ``export.json`` of ``directory`` if it is one of ours (a manifest with its file list)."""
+    try:
+        manifest = json.loads((directory / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and "inputs_fingerprint" in manifest:
+        return manifest
+    return None
+
+
+def _foreign_files(directory: Path) -> list[str]:
+    """Files under ``directory`` that are not part of the export its ``export.json`` describes
+    (everything, when it has none): what replacing it would destroy."""
+    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() or p.is_symlink())
+    manifest = _export_manifest(directory)
+    recorded = set(manifest["files"]) | {"export.json"} if manifest is not None else set()
+    return [name for name in files if name not in recorded]
+
+
+def check_output(output: Path, overwrite: bool, argument: str = "--output") -> None:
+    """Refuse an output that is not ours to write: a file, a directory holding anything but one of
+    our exports, or (without ``overwrite``) an existing export. An empty directory is taken as none."""
+    if output.is_symlink() and not output.exists():
+        raise ExportError(f"{argument}={str(output)!r} is a dangling symbolic link; choose another directory")
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ExportError(f"{argument}={str(output)!r} is a file, not an export directory; choose another path")
+    foreign = _foreign_files(output)
+    if foreign:
+        raise ExportError(
+            f"{argument}={str(output)!r} holds files that are not part of an export of this tool (e.g. {foreign[:3]}); "
+            "it is never replaced, even with --overwrite: choose another directory"
+        )
+    if any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"{argument}={str(output)!r} exists already; pass --overwrite to replace it")
+
+
+def check_inputs_apart(output: Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output that is, lies inside, or contains any input (checkpoint, base model, ...)."""
+    target = output.resolve()
+    for argument, value in inputs.items():
+        if value is None or not Path(value).exists():
+            continue
+        source = Path(value).resolve()
+        if target == source or source in target.parents:
+            raise ExportError(f"--output={str(output)!r} lies inside {argument}={str(value)!r}; choose another directory")
+        if target in source.parents:
+            raise ExportError(f"--output={str(output)!r} contains {argument}={str(value)!r}; choose another directory")
 
 
 @contextmanager
@@ -48,14 +102,14 @@ def publish_atomically(output: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``output`` to write into; rename it to ``output`` on success.
 
     On any exception the temporary directory is removed and ``output`` is untouched. An existing
-    ``output`` is replaced only with ``overwrite=True``, and only once the new one is complete.
-    A process killed at any moment leaves either nothing or the previous export under ``output``
-    (see :func:`recover_interrupted`, which the next run calls).
+    ``output`` is replaced only with ``overwrite=True``, only if it is an export of ours and
+    holds nothing else (checked again right before the replace), and only once the new one is
+    complete. A process killed at any moment leaves either nothing or the previous export under
+    ``output`` (see :func:`recover_interrupted`, which the next run calls).
     """
     output = output.resolve()
     recover_interrupted(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"--output={str(output)!r} exists already; pass --overwrite to replace it")
+    check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
@@ -67,6 +121,7 @@ def publish_atomically(output: Path, overwrite: bool = False) -> Iterator[Path]:
                 "and the temporary directory was removed"
             ) from err
         if output.exists():
+            check_output(output, overwrite)  # it may have changed while the export ran
             # Move the old export aside first: a crash between the two renames leaves it whole,
             # and recover_interrupted puts it back.
             old = output.with_name(f".{output.name}.old-{os.getpid()}")
@@ -83,7 +138,8 @@ def publish_atomically(output: Path, overwrite: bool = False) -> Iterator[Path]:
 def recover_interrupted(output: Path) -> list[str]:
     """Clean up after an export that was killed: returns what was done, one line each.
 
-    - a temporary ``.NAME.tmp-PID-*`` of a process that no longer runs is removed;
+    - a temporary ``.NAME.tmp-PID-*`` or rendezvous ``.NAME.rdv-PID-*`` directory of a process
+      that no longer runs is removed;
     - a previous export moved aside as ``.NAME.old-PID`` goes back under ``NAME`` if the new one
       never arrived, and is removed if it did.
     """
@@ -97,10 +153,11 @@ def recover_interrupted(output: Path) -> list[str]:
         else:
             path.rename(output)
             done.append(f"restored the previous export from {path.name} (a replace was interrupted)")
-    for path in sorted(output.parent.glob(f".{output.name}.tmp-*")):
-        pid = path.name.removeprefix(f".{output.name}.tmp-").split("-", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
-            continue  # another export into the same place is running now
+    leftovers = [*output.parent.glob(f".{output.name}.tmp-*"), *output.parent.glob(f".{output.name}.rdv-*")]
+    for path in sorted(leftovers):
+        kind, pid = path.name.removeprefix(f".{output.name}.").split("-", 2)[:2]
+        if pid.isdigit() and (_alive(int(pid)) or (kind == "rdv" and int(pid) == os.getpid())):
+            continue  # another export into the same place is running now (or this one's rendezvous)
         shutil.rmtree(path, ignore_errors=True)
         done.append(f"removed {path.name}, left by an interrupted export")
     for line in done:
@@ -138,39 +195,17 @@ def _human(size: int) -> str:
 
 
 def keep_failed(tmp: Path, output: Path) -> Path:
-    """Move a finished but failed export aside as ``NAME.failed`` (replacing an older one)."""
+    """Move a finished but failed export aside as ``NAME.failed`` (replacing an older failed export
+    of ours, never anything else: then ``NAME.failed-2``, ...)."""
     failed = output.with_name(f"{output.name}.failed")
+    number = 1
+    while failed.exists() and _foreign_files(failed):
+        number += 1
+        failed = output.with_name(f"{output.name}.failed-{number}")
     if failed.exists():
         shutil.rmtree(failed)
     tmp.rename(failed)
     return failed
-
-
-def save_adapter(model: Any, trained: dict[str, torch.Tensor], directory: Path) -> None:
-    """PEFT's own adapter layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
-
-    Written from the trained tensors (fp32) with PEFT's own key naming, so the same function
-    serves a real PEFT model and one on the meta device.
-    """
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    state = get_peft_model_state_dict(
-        model,
-        state_dict={k: v.float() for k, v in trained.items() if k in trainable},
-        save_embedding_layers=False,  # trained rows travel as trainable tokens, a trained matrix as modules_to_save
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, directory / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = copy.deepcopy(model.peft_config["default"])
-    config.inference_mode = True  # as PeftModel.save_pretrained writes it
-    config.save_pretrained(directory)
-
-
-def save_merged(model: Any, directory: Path, max_shard_size: str) -> None:
-    """``save_pretrained`` with safetensors shards (config and generation config included)."""
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
 
 
 def save_tokenizer(source: str | Path, directory: Path) -> None:

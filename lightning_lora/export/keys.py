@@ -12,10 +12,11 @@ the former to the latter.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
-__all__ = ["PEFT_ROOT", "detect_prefix", "normalize_keys"]
+__all__ = ["PEFT_ROOT", "adapter_names", "detect_prefix", "normalize_keys", "select_adapter"]
 
 PEFT_ROOT = "base_model.model."
 _LEGACY_WRAPPERS = ("_forward_module.", "module.")
@@ -92,3 +93,47 @@ def normalize_keys(state: Mapping[str, T], prefix: str | None = None) -> dict[st
             f"prefixes of PEFT models in the checkpoint: {found}"
         )
     return normalized
+
+
+# The path components after which PEFT names the adapter: ``...q_proj.lora_A.<adapter>.weight``,
+# ``...lm_head.modules_to_save.<adapter>.weight``, ``...token_adapter.trainable_tokens_delta.<adapter>``.
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                  "modules_to_save", "trainable_tokens_delta", "trainable_tokens_original")
+_ADAPTER_KEY = re.compile(rf"(?:^|\.)({'|'.join(_ADAPTER_PARTS)})\.([^.]+)(?=\.|$)")
+
+
+def adapter_names(keys: Iterable[str]) -> list[str]:
+    """The PEFT adapter names the keys belong to (``["default"]`` for a usual run)."""
+    return sorted({match.group(2) for key in keys if (match := _ADAPTER_KEY.search(key))})
+
+
+def select_adapter(state: Mapping[str, T], name: str | None = None, strict: bool = True) -> tuple[str, dict[str, T]]:
+    """Keep one adapter's tensors, renamed to PEFT's ``default``, and every non-adapter tensor.
+
+    Args:
+        state: tensors (or anything) by PEFT-model key.
+        name: the adapter to keep; ``None`` takes the only one there is.
+        strict: ``name`` must be among the adapters of ``state`` (off for frozen tensors, which may
+            hold only other adapters').
+
+    Returns:
+        The adapter's name and the renamed mapping.
+
+    Raises:
+        ValueError: several adapters and no ``name``, or ``name`` is not among them.
+    """
+    found = adapter_names(state)
+    if name is None:
+        if len(found) > 1:
+            raise ValueError(f"the checkpoint holds the adapters {found}; choose one with --adapter-name")
+        name = found[0] if found else "default"
+    elif strict and found and name not in found:
+        raise ValueError(f"--adapter-name={name!r} is not an adapter of the checkpoint; it holds {found}")
+    kept: dict[str, T] = {}
+    for key, value in state.items():
+        match = _ADAPTER_KEY.search(key)
+        if match is None:
+            kept[key] = value
+        elif match.group(2) == name:
+            kept[key[: match.start(2)] + "default" + key[match.end(2):]] = value
+    return name, kept

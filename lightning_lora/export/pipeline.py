@@ -1,7 +1,17 @@
 """The one export path that the callback and the ``export`` command share.
 
-checkpoint -> trained tensors -> PEFT model on the base (fp32) -> adapter directory -> merge ->
-cast -> merged directory (whole model in memory, or streamed tensor by tensor) -> reload both and compare -> ``export.json`` -> publish by rename.
+:func:`export_checkpoint` is a sequence of named steps::
+
+    options   validate every setting                        (options.py)
+    prepare   read the checkpoint and the base's headers, check the output, fingerprint the inputs
+    share     each worker: plan the shards, merge and write its own, tensor-check them (rank 0 also
+              writes config, index, tokenizer and adapter), then run its part of the probes through
+              both models block by block                    (plan.py, stream.py, verify.py)
+    finish    rank 0: gather the reports, write export.json, publish by one rename (hf.py)
+
+One worker runs every step itself; ``workers=N`` starts N-1 local processes, and
+:func:`export_shared` lets the N ranks of a training job do the same. Ranks meet through files
+(:mod:`~lightning_lora.export.rendezvous`), never in a collective.
 """
 
 from __future__ import annotations
@@ -9,86 +19,66 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import multiprocessing
 import shutil
 import time
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from lightning_lora.export.checkpoint import TrainedCheckpoint, load_checkpoint
+from lightning_lora.dtypes import dtype_name
+from lightning_lora.errors import ExportError, VerificationError
+from lightning_lora.export.adapter import write_adapter
+from lightning_lora.export.checkpoint import TrainedCheckpoint
 from lightning_lora.export.hf import (
+    MANIFEST_FORMAT,
     check_free_space,
+    check_inputs_apart,
+    check_output,
     file_manifest,
     keep_failed,
     package_versions,
     publish_atomically,
     recover_interrupted,
-    save_adapter,
-    save_merged,
     save_tokenizer,
     write_json,
 )
-from lightning_lora.export.merge import (
-    ExportError,
-    build_peft_model,
-    check_merged_files,
-    count_tensors,
-    load_trained,
-    merge,
-    resolve_dtype,
-    rewrites_base,
-    trained_by_model_key,
-)
-from lightning_lora.export.stream import build_meta_peft_model, choose_merge_impl, parse_size, stream_merge
+from lightning_lora.export.memory import choose_merge_impl
+from lightning_lora.export.merge import check_merged_files, load_trained, merge, resolve_dtype
+from lightning_lora.export.options import ExportOptions
+from lightning_lora.export.plan import MergePlan, assign_shards, plan_merge
+from lightning_lora.export.probes import build_probes
+from lightning_lora.export.rendezvous import Rendezvous
+from lightning_lora.export.sources import Sources, base_files, read_sources, resolve_base
+from lightning_lora.export.stream import streamed_values, write_config, write_index, write_shards
+from lightning_lora.export.structure import build_peft_model, count_tensors
 from lightning_lora.export.tokens import reconcile_special_ids, write_tokenizer_files
 from lightning_lora.export.verify import verify_export
-from lightning_lora.tiny import resolve_model_path
 
-__all__ = ["export_checkpoint"]
+__all__ = ["export_checkpoint", "export_shared"]
 
 log = logging.getLogger("lightning_lora")
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _read_lora_config(value: str | Path | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return dict(value)
-    path = Path(value)
-    if path.is_dir():
-        path = path / "adapter_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"--lora-config={str(value)!r}: no adapter_config.json there")
-    return json.loads(path.read_text())
+@dataclass
+class Job:
+    """One export, as every worker sees it once the inputs are read."""
+
+    sources: Sources
+    options: ExportOptions
+    output: Path
+    dtype: torch.dtype
+    impl: str
+    impl_reason: str
+    fingerprint: str
+    previous: dict[str, Any] | None = None
 
 
-def _base_vocab(base_path: str) -> int | None:
-    from transformers import AutoConfig
-
-    return getattr(AutoConfig.from_pretrained(base_path).get_text_config(), "vocab_size", None)
-
-
-def _ship_tokenizer(merged_dir: Path, tokenizer: str | Path | None, trained: dict[str, str] | None, base_path: str) -> str:
-    """Write the merged model's tokenizer; returns where it came from."""
-    if tokenizer is not None:
-        save_tokenizer(tokenizer, merged_dir)
-        return f"--tokenizer={str(tokenizer)!r}"
-    if trained:
-        write_tokenizer_files(trained, merged_dir)
-        return "the checkpoint (the tokenizer the run trained with)"
-    save_tokenizer(base_path, merged_dir)
-    return "the base model"
-
-
-def _check_output(output: Path, checkpoint: Path, base_model: str) -> None:
-    output = output.resolve()
-    if output == checkpoint.resolve() or checkpoint.resolve() in output.parents:
-        raise ExportError(f"--output={str(output)!r} lies inside --checkpoint={str(checkpoint)!r}; choose another directory")
-    base = Path(base_model)
-    if base.exists() and (output == base.resolve() or base.resolve() in output.parents):
-        raise ExportError(f"--output={str(output)!r} lies inside --base-model={base_model!r}; choose another directory")
-
+# --- prepare --------------------------------------------------------------------------------------
 
 def _files_signature(path: Path) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime) of every file under ``path``: cheap, and changes with the content."""
@@ -99,216 +89,474 @@ def _files_signature(path: Path) -> list[tuple[str, int, int]]:
     return [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
-def inputs_fingerprint(checkpoint: TrainedCheckpoint, base_path: str, options: dict[str, Any]) -> str:
-    """A digest of everything an export depends on: checkpoint, base model files, and settings.
+def inputs_fingerprint(sources: Sources, options: ExportOptions) -> str:
+    """A digest of everything an export depends on: checkpoint and base files, every setting that
+    changes a weight, a file or what is checked, and the versions of the packages that compute it.
 
     Files are identified by name, size and modification time; an in-memory checkpoint (the
-    callback on one device or DDP) by the bytes of its tensors, which are only the adapter's.
+    callback on one device or DDP) by the bytes of its trained tensors.
     """
     digest = hashlib.sha256()
+    checkpoint = sources.checkpoint
     if checkpoint.kind == "memory":
         for key in sorted(checkpoint.tensors):
             digest.update(key.encode())
-            digest.update(checkpoint.tensors[key].float().numpy().tobytes())
+            digest.update(checkpoint.tensors[key].float().cpu().numpy().tobytes())
+        for key in sorted(sources.rewritten):
+            digest.update(sources.frozen[key].float().cpu().numpy().tobytes())
     else:
         digest.update(json.dumps(_files_signature(Path(checkpoint.source))).encode())
-    digest.update(json.dumps(_files_signature(Path(base_path))).encode())
-    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(_files_signature(Path(sources.base_path))).encode())
+    for extra in (options.tokenizer, options.lora_config if isinstance(options.lora_config, str) else None):
+        if extra is not None:
+            digest.update(json.dumps(_files_signature(Path(extra))).encode())
+    settings = {**options.fingerprinted(), "lora_config": sources.lora_config, "vocab_size": checkpoint.vocab_size,
+                "trained_tokenizer": checkpoint.tokenizer_files, "versions": package_versions(), "format": MANIFEST_FORMAT}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
 def _previous_export(output: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The manifest of a finished export of the same inputs under ``output``, if there is one."""
+    """The manifest of a finished export of the same inputs under ``output``, if it is intact."""
     try:
         manifest = json.loads((output / "export.json").read_text())
     except (OSError, ValueError):
         return None
-    return manifest if manifest.get("inputs_fingerprint") == fingerprint else None
+    if not isinstance(manifest, dict) or manifest.get("inputs_fingerprint") != fingerprint:
+        return None
+    files = manifest.get("files") or {}
+    if any(not (output / name).is_file() or (output / name).stat().st_size != info.get("size") for name, info in files.items()):
+        return None  # damaged since: export again
+    return manifest
 
 
-def export_checkpoint(
-    checkpoint: str | Path | TrainedCheckpoint,
-    output: str | Path,
-    base_model: str | Path | None = None,
-    lora_config: str | Path | dict[str, Any] | None = None,
-    dtype: str = "auto",
-    max_shard_size: str = "5GB",
-    prefix: str | None = None,
-    tag: str | None = None,
-    r: int | None = None,
-    lora_alpha: float | None = None,
-    merge_model: bool = True,
-    merge_impl: str = "auto",
-    save_adapter_dir: bool = True,
-    verify: bool = True,
-    overwrite: bool = False,
-    probes: list[list[int]] | None = None,
-    tokenizer: str | Path | None = None,
-    frozen_from_checkpoint: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Export a finished LoRA run as a PEFT adapter and a merged Hugging Face model.
+def _check_apart(output: Path, checkpoint: str | Path | TrainedCheckpoint, options: ExportOptions, base_path: str | None) -> None:
+    source = None if isinstance(checkpoint, TrainedCheckpoint) and checkpoint.kind == "memory" else (
+        checkpoint.source if isinstance(checkpoint, TrainedCheckpoint) else checkpoint)
+    check_inputs_apart(output, {"--checkpoint": source, "--base-model": base_path, "--tokenizer": options.tokenizer})
+
+
+def _check_space(output: Path, base: Any, dtype: torch.dtype, options: ExportOptions, trained_bytes: int = 0) -> None:
+    """The merged weights in the target dtype plus the adapter: what must fit beside the output
+    (a replaced export keeps its place until the rename, so what is free now must hold the new one)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    merged = sum(element * math.prod(info.shape) if info.dtype.is_floating_point else info.nbytes
+                 for info in base.tensors.values())
+    check_free_space(output, (merged if options.merge else 0) + 2 * trained_bytes)
+
+
+def prepare(checkpoint: str | Path | TrainedCheckpoint, output: Path, options: ExportOptions) -> Job:
+    """Read the inputs and check everything that can be checked before anything large is loaded:
+    the output, the base's headers and the disk space come before the checkpoint is read."""
+    from lightning_lora.export.weights import read_config
+
+    given = resolve_base(options.base_model) if options.base_model is not None else None
+    _check_apart(output, checkpoint, options, given[1] if given else None)
+    recover_interrupted(output.resolve())
+    check_output(output, overwrite=True)  # never anything but an export of ours, whatever the settings
+    base = None
+    if given is not None:
+        name, path = given
+        base = base_files(path, name)
+        _check_space(output, base, resolve_dtype(options.dtype, read_config(path, "--base-model")), options)
+    sources = read_sources(checkpoint, options, base)
+    _check_apart(output, checkpoint, options, sources.base_path)
+    dtype = resolve_dtype(options.dtype, sources.peft_model.base_model.model.config)
+    fingerprint = inputs_fingerprint(sources, options)
+    job = Job(sources, options, output, dtype, "", "", fingerprint)
+    job.previous = _previous_export(output, fingerprint)
+    if job.previous is not None:
+        return job
+    check_output(output, options.overwrite)
+    trained_bytes = sum(t.numel() * t.element_size() for t in sources.trained.values())
+    if options.merge:
+        job.impl, job.impl_reason = choose_merge_impl(options.merge_impl, sources.base, trained_bytes, options.workers, options.verify)
+        log.info("merge implementation: %s (%s)", job.impl, job.impl_reason)
+    _check_space(output, sources.base, dtype, options, trained_bytes)
+    return job
+
+
+# --- share: each worker's part --------------------------------------------------------------------
+
+def _merged_in_memory(job: Job) -> Any:
+    """The whole-model merge (one worker): PEFT's own merge of the rebuilt model, in memory; the
+    values :func:`write_shards` takes, laid out by the same plan as the streaming merger's."""
+    sources = job.sources
+    try:
+        model = build_peft_model(sources.base_path, sources.lora_config, sources.checkpoint.vocab_size)
+    except OSError as err:
+        raise ExportError(f"--base-model={sources.base_name!r} could not be loaded: {err}") from err
+    load_trained(model, sources.trained, sources.frozen, sources.rewritten)
+    state = merge(model, job.dtype).state_dict()
+
+    def value(entry: Any) -> torch.Tensor:
+        tensor = state[entry.key]
+        return tensor if tensor.dtype == entry.dtype else tensor.to(entry.dtype)
+
+    return value
+
+
+def _plan(job: Job) -> MergePlan:
+    sources = job.sources
+    return plan_merge(sources.peft_model, sources.trained, sources.frozen, sources.base, sources.rewritten, job.dtype,
+                      job.options.max_shard_size)
+
+
+def _my_keys(merged_dir: Path, shards: list[str]) -> list[str]:
+    from safetensors import safe_open
+
+    keys = []
+    for name in shards:
+        with safe_open(merged_dir / name, "pt") as f:
+            keys += list(f.keys())
+    return keys
+
+
+def _write_metadata(job: Job, tmp: Path, plan: MergePlan | None) -> dict[str, Any]:
+    """Rank 0's files besides the weights: config, index, tokenizer, special ids, the adapter."""
+    sources, options = job.sources, job.options
+    merged_dir = tmp / "merged"
+    written: dict[str, Any] = {}
+    if options.merge:
+        write_index(plan, merged_dir)
+        write_config(sources.peft_model, Path(sources.base_path), merged_dir, job.dtype, plan.untie)
+        written["tokenizer"] = _ship_tokenizer(merged_dir, options.tokenizer, sources.checkpoint.tokenizer_files, sources.base_path)
+        written["special_token_changes"] = reconcile_special_ids(merged_dir)
+        for change in written["special_token_changes"]:
+            log.info("special tokens: %s", change)
+    if options.save_adapter:
+        written["adapter_left_out"] = write_adapter(sources, tmp / "adapter")
+        if written["adapter_left_out"] is None and sources.grown and sources.checkpoint.tokenizer_files:
+            # PEFT's convention for added tokens: the adapter ships the tokenizer, whose length
+            # is what the base must be resized to before loading the adapter.
+            write_tokenizer_files(sources.checkpoint.tokenizer_files, tmp / "adapter")
+    return written
+
+
+def _ship_tokenizer(merged_dir: Path, tokenizer: str | None, trained: dict[str, str] | None, base_path: str) -> str:
+    """Write the merged model's tokenizer; returns where it came from."""
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, merged_dir)
+        return f"--tokenizer={tokenizer!r}"
+    if trained:
+        write_tokenizer_files(trained, merged_dir)
+        return "the checkpoint (the tokenizer the run trained with)"
+    save_tokenizer(base_path, merged_dir)
+    return "the base model"
+
+
+def _probes(job: Job, merged_dir: Path) -> torch.Tensor:
+    """The fixed minimum probe set, started with the run's own sequences when there are some."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir) if (merged_dir / "tokenizer_config.json").is_file() else None
+    added = [] if tokenizer is None else sorted(tokenizer.added_tokens_decoder)
+    vocab = job.sources.vocab_size
+    base_vocab = job.sources.base_vocab or vocab
+    return build_probes(vocab, tokenizer, job.options.probes, special_ids=[*added, *range(base_vocab, vocab)])
+
+
+def _progress(job: Job, rank: int) -> Any:
+    """A per-block callback: a bar on a terminal, log lines otherwise."""
+    if job.options.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="verify", unit="block", leave=False)
+
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+            if done == total:
+                bar.close()
+
+        return update
+    return lambda done, total: log.info("verify (rank %d): block %d/%d matches", rank, done, total)
+
+
+def run_share(job: Job, tmp: Path, rendezvous: Rendezvous) -> dict[str, Any]:
+    """One worker's part of an export; returns its report (rank 0 also writes the metadata)."""
+    rank, world = rendezvous.rank, rendezvous.world
+    sources, options = job.sources, job.options
+    merged_dir = tmp / "merged"
+    report: dict[str, Any] = {"rank": rank, "shards": []}
+    if options.merge:
+        # One layout for both merges and any number of workers: the plan decides every shard.
+        plan = _plan(job)
+        mine = [number for number, owner in enumerate(assign_shards(plan.shards, world)) if owner == rank]
+        if job.impl == "peft":
+            values = _merged_in_memory(job)
+        else:
+            values = streamed_values(plan, sources.base, sources.frozen, job.dtype)
+        report["shards"] = write_shards(plan, mine, values, merged_dir)
+        report["merged_modules"] = plan.merged_modules
+        if rank == 0:
+            report["metadata"] = _write_metadata(job, tmp, plan)
+        rendezvous.report("written", report["shards"])
+        rendezvous.wait("written")
+        if options.verify:
+            keys = _my_keys(merged_dir, report["shards"])
+            probes = _probes(job, merged_dir)[rank::world]
+            result = verify_export(merged_dir, sources.peft_model, sources.trained, sources.frozen, sources.base,
+                                   job.dtype, probes=probes, keys=keys, complete=rank == 0, function=len(probes) > 0,
+                                   device=options.device, progress=_progress(job, rank))
+            report["verification"] = result
+    elif rank == 0:
+        report["metadata"] = _write_metadata(job, tmp, None)
+    rendezvous.report("verified", report)
+    return report
+
+
+# --- finish ---------------------------------------------------------------------------------------
+
+def _combine(reports: dict[int, dict[str, Any]], options: ExportOptions, reference: str) -> dict[str, Any]:
+    """One verification report from every worker's."""
+    if not options.merge:
+        return {"skipped": "no merged model"}
+    if not options.verify:
+        return {"skipped": "--no-verify"}
+    parts = {rank: reports[rank]["verification"] for rank in sorted(reports)}
+    problems = [f"rank {rank}: {p}" if len(parts) > 1 else p for rank, part in parts.items() for p in part["problems"]]
+    tensors: dict[str, Any] = {"checked": 0, "by_kind": {}, "worst": {}}
+    for part in parts.values():
+        tensors["checked"] += part["tensors"]["checked"]
+        for kind, count in part["tensors"]["by_kind"].items():
+            tensors["by_kind"][kind] = tensors["by_kind"].get(kind, 0) + count
+        for kind, worst in part["tensors"]["worst"].items():
+            if kind not in tensors["worst"] or worst["max_abs_diff"] > tensors["worst"][kind]["max_abs_diff"]:
+                tensors["worst"][kind] = worst
+    functions = [part["function"] for part in parts.values() if part.get("function")]
+    first = parts[min(parts)]
+    return {
+        "passed": not problems,
+        "problems": problems,
+        "reference": reference,
+        "device": first["device"],
+        "tolerances": first["tolerances"],
+        "config": first["config"],
+        "tensors": tensors,
+        "function": _combine_functions(functions, len(parts)),
+        "rewritten_base_tensors": len({k for part in parts.values() for k in part["rewritten_base_tensors"]}),
+        "seconds": max(part["seconds"] for part in parts.values()),
+    }
+
+
+def _ratio(entry: dict[str, Any]) -> float:
+    return entry["max_abs_diff"] / max(entry["tolerance"], 1e-30)
+
+
+def _combine_functions(functions: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+    if not functions:
+        return {}
+    tokens = sum(f["tokens"] for f in functions)
+    logits = [f["logits"] for f in functions if f["logits"]]
+    combined: dict[str, Any] = {
+        "probes": sum(f["probes"] for f in functions),
+        "tokens": tokens,
+        "blocks_checked": max(f["blocks_checked"] for f in functions),
+        "worst_block": max((f["worst_block"] for f in functions if f["worst_block"]), key=_ratio, default=None),
+        "logits": max(logits, key=_ratio, default={}),
+        # Split by probes, not by blocks: a block's input is the previous block's output, so
+        # splitting the blocks would make every worker run the ones before its own.
+        "split": f"{workers} worker(s), each running its share of the probes through every block",
+    }
+    if logits:
+        agreement = sum(f["logits"]["argmax_agreement"] * f["tokens"] for f in functions if f["logits"]) / max(1, tokens)
+        combined["logits"] = {**combined["logits"], "argmax_agreement": agreement}
+    return combined
+
+
+def finish(job: Job, tmp: Path, reports: dict[int, dict[str, Any]], started: float) -> dict[str, Any]:
+    """Rank 0: check and record everything in ``export.json``; a failed verification is kept aside."""
+    sources, options = job.sources, job.options
+    merged_dir = tmp / "merged"
+    rank0 = reports[0]
+    metadata = rank0.get("metadata", {})
+    counts = count_tensors(sources.peft_model, sources.rewritten)
+    if options.merge:
+        counts["merged_tensors"] = check_merged_files(merged_dir)
+        merged_modules = rank0.get("merged_modules")
+        if merged_modules is not None and merged_modules != counts["lora_modules"]:
+            raise ExportError(f"the streaming merger merged {merged_modules} modules but LoRA wraps {counts['lora_modules']}; "
+                              "nothing was published (try --merge-impl peft)")
+    verification = _combine(reports, options, sources.description)
+    checkpoint = sources.checkpoint
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "prefix": job.options.prefix,
+        "inputs_fingerprint": job.fingerprint,
+        "source": {"checkpoint": checkpoint.source, "kind": checkpoint.kind, "tag": checkpoint.tag},
+        "adapter_name": checkpoint.adapter_name,
+        "global_step": checkpoint.global_step,
+        "base_model": sources.base_name,
+        "base_model_path": sources.base_path,
+        "lora_config": sources.lora_config,
+        "merge_impl": job.impl or None,
+        "merge_impl_reason": job.impl_reason or None,
+        "dtype": dtype_name(job.dtype),
+        "max_shard_size": options.max_shard_size,
+        "vocab_size": checkpoint.vocab_size,
+        "tokenizer": metadata.get("tokenizer"),
+        "special_token_changes": metadata.get("special_token_changes", []),
+        "adapter": ("not requested" if not options.save_adapter else
+                    f"left out: {metadata['adapter_left_out']}" if metadata.get("adapter_left_out") else
+                    "converted to the original base (PEFT's conversion)" if sources.rewritten else "written"),
+        "tensors": counts,
+        "workers": {"count": len(reports), "shards": {name: rank for rank, r in sorted(reports.items()) for name in r["shards"]}},
+        "files": file_manifest(tmp),
+        "versions": package_versions(),
+        "verification": verification,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(tmp / "export.json", manifest)
+    if verification.get("passed") is False:
+        failed = keep_failed(tmp, job.output.resolve())
+        raise VerificationError(
+            f"verification failed: {verification['problems'][0]}"
+            + (f" (and {len(verification['problems']) - 1} more)" if len(verification["problems"]) > 1 else "")
+            + f"; nothing was published, the export is kept aside in {str(failed)!r} with its report"
+        )
+    return manifest
+
+
+# --- the entry points -----------------------------------------------------------------------------
+
+def export_checkpoint(checkpoint: str | Path | TrainedCheckpoint, output: str | Path, **settings: Any) -> dict[str, Any]:
+    """Export a finished LoRA run as a PEFT adapter and a merged Hugging Face model, verified.
 
     Args:
-        checkpoint: a DeepSpeed ZeRO directory, a Lightning ``.ckpt`` file, a PEFT adapter
-            directory, or an already read :class:`TrainedCheckpoint`.
+        checkpoint: a DeepSpeed ZeRO directory, a (sharded) FSDP checkpoint, a Lightning ``.ckpt``
+            file, a PEFT adapter directory, or an already read :class:`TrainedCheckpoint`.
         output: the export directory to create (``adapter/``, ``merged/``, ``export.json``).
-        base_model: the base model directory (or ``builtin:...``); defaults to the one the
-            checkpoint records.
-        lora_config: a PEFT ``adapter_config.json``, a directory holding one, or a dict;
-            defaults to the one the checkpoint records.
-        dtype: ``auto`` (the base's dtype), ``fp32``, ``bf16`` or ``fp16`` for the merged weights.
-        max_shard_size: largest safetensors shard of the merged model, e.g. ``"2GB"``.
-        prefix: the LightningModule attribute holding the PEFT model, e.g. ``"net."``.
-        tag: the ZeRO tag to read instead of ``latest``.
-        r: override the LoRA rank of the recorded config.
-        lora_alpha: override the LoRA alpha of the recorded config.
-        merge_model: write ``merged/``.
-        merge_impl: ``peft`` (PEFT's ``merge_and_unload`` on the whole model in memory),
-            ``streaming`` (one tensor at a time, for models larger than memory), or ``auto``:
-            streaming when the whole-model merge would not fit comfortably in available memory.
-        save_adapter_dir: write ``adapter/``.
-        verify: reload and compare merged with adapter outputs; a failure publishes nothing.
-        overwrite: replace an existing ``output``.
-        probes: token id lists to compare logits on (fixed prompts when ``None``).
-        tokenizer: the tokenizer to ship with the merged model; by default the one the run trained
-            with if the checkpoint records it (added tokens, chat template, pad token), else the base's.
-        frozen_from_checkpoint: take frozen weights from the checkpoint instead of the base
-            directory (automatic for PiSSA-like inits, which rewrite them).
-        progress: show a progress bar.
+        **settings: see :class:`~lightning_lora.export.options.ExportOptions` (``base_model``,
+            ``dtype``, ``max_shard_size``, ``verify``, ``workers``, ``overwrite``, ...).
 
     Returns:
-        The content of ``export.json``.
+        The content of ``export.json`` (with ``"unchanged": True`` when the output already held
+        the export of these same inputs).
     """
     started = time.perf_counter()
-    output = Path(output)
-    parse_size(max_shard_size)  # fail before anything is loaded, naming --max-shard-size
-    if r is not None and r <= 0:
-        raise ExportError(f"--r={r} is not a positive integer")
-    steps = tqdm(total=5, desc="export", disable=not progress, unit="step")
-
-    steps.set_postfix_str("reading checkpoint")
-    if not isinstance(checkpoint, TrainedCheckpoint):
-        if base_model is not None:
-            _check_output(output, Path(checkpoint), str(base_model))
-        checkpoint = load_checkpoint(checkpoint, prefix=prefix, tag=tag, include_frozen=frozen_from_checkpoint)
-    config = _read_lora_config(lora_config) if lora_config is not None else checkpoint.lora_config
-    if config is None:
-        raise ExportError(f"{checkpoint.source!r} does not record its LoRA config; pass --lora-config")
-    config = {**config, **({"r": r} if r is not None else {}), **({"lora_alpha": lora_alpha} if lora_alpha is not None else {})}
-    base_name = base_model if base_model is not None else checkpoint.base_model
-    if base_name is None:
-        raise ExportError(f"{checkpoint.source!r} does not record its base model; pass --base-model")
-    base_path = resolve_model_path(str(base_name))
-    _check_output(output, Path(checkpoint.source), base_path)
-    options = dict(lora_config=config, dtype=dtype, max_shard_size=max_shard_size, merge=merge_model,
-                   adapter=save_adapter_dir, tokenizer=str(tokenizer), frozen_from_checkpoint=frozen_from_checkpoint,
-                   vocab_size=checkpoint.vocab_size, trained_tokenizer=checkpoint.tokenizer_files)
-    fingerprint = inputs_fingerprint(checkpoint, base_path, options)
-    recover_interrupted(output.resolve())
-    previous = _previous_export(output, fingerprint)
-    if previous is not None:
+    options = ExportOptions(**settings)
+    job = prepare(checkpoint, Path(output), options)
+    if job.previous is not None:
         log.info("%s holds an export of these same inputs already: nothing to do", output)
-        steps.close()
-        return {**previous, "unchanged": True}
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"--output={str(output)!r} exists already; pass --overwrite to replace it")
-    steps.update()
-
-    tokenizer_source, special_changes = None, []
-    steps.set_postfix_str("loading base + LoRA")
-    impl, why = choose_merge_impl(merge_impl, base_path)
-    log.info("merge implementation: %s (%s)", impl, why)
-    vocab = checkpoint.vocab_size
+        return {**job.previous, "unchanged": True}
+    meeting = _meeting_place(job.output)
+    processes = _start_workers(job, checkpoint, meeting)
     try:
-        # The streaming merger needs only the model's structure: built on the meta device, it costs no memory.
-        build = build_peft_model if impl == "peft" else build_meta_peft_model
-        model = build(base_path, config, vocab)
-    except OSError as err:
-        raise ExportError(f"--base-model={str(base_name)!r} could not be loaded: {err}") from err
-    except ValueError as err:  # a recorded vocabulary smaller than the base's
-        raise ExportError(f"--base-model={str(base_name)!r} is not the model this run trained: {err}") from err
-    grown = vocab is not None and vocab != _base_vocab(base_path)
-    from_checkpoint = frozen_from_checkpoint or rewrites_base(config)
-    trained = trained_by_model_key(model, checkpoint)
-    counts = count_tensors(model, trained, from_checkpoint)
-    target = resolve_dtype(dtype, model.base_model.model.config)
-    # The merged weights in the target dtype plus the adapter in fp32 (a replaced export keeps its
-    # place until the rename, so what is free now must hold the new one whole).
-    element = torch.empty((), dtype=target).element_size()
-    frozen_params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    adapter_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
-    check_free_space(output, (frozen_params * element if merge_model else 0) + adapter_bytes)
-    steps.update()
+        return _lead(job, meeting, started, alive=lambda r: processes[r].is_alive() or processes[r].exitcode == 0)
+    finally:
+        for process in processes.values():
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
 
-    with publish_atomically(output, overwrite=overwrite) as tmp:
-        steps.set_postfix_str("saving adapter")
-        # The adapter is needed for verification even when it is not to be published.
-        adapter_dir = tmp / "adapter" if save_adapter_dir else tmp / ".verify-adapter"
-        if save_adapter_dir or (merge_model and verify):
-            save_adapter(model, trained, adapter_dir)
-            if grown and checkpoint.tokenizer_files:
-                # PEFT's convention for added tokens: the adapter ships the tokenizer, whose length
-                # is what the base must be resized to before loading the adapter.
-                write_tokenizer_files(checkpoint.tokenizer_files, adapter_dir)
-        steps.update()
 
-        steps.set_postfix_str("merging")
-        merged_dir = tmp / "merged"
-        if merge_model:
-            if impl == "peft":
-                load_trained(model, trained, frozen_from_checkpoint=from_checkpoint)
-                save_merged(merge(model, target), merged_dir, max_shard_size)
-            else:
-                streamed = stream_merge(model, trained, Path(base_path), merged_dir, target, max_shard_size, from_checkpoint)
-                if streamed["merged_modules"] != counts["lora_modules"]:
-                    raise ExportError(
-                        f"the streaming merger merged {streamed['merged_modules']} modules but LoRA wraps "
-                        f"{counts['lora_modules']}; nothing was published (try --merge-impl peft)"
-                    )
-            counts["merged_tensors"] = check_merged_files(merged_dir)
-            tokenizer_source = _ship_tokenizer(merged_dir, tokenizer, checkpoint.tokenizer_files, base_path)
-            special_changes = reconcile_special_ids(merged_dir)
-            for change in special_changes:
-                log.info("special tokens: %s", change)
-        del model, trained
-        steps.update()
+def _meeting_place(output: Path) -> Path:
+    """The rendezvous directory: a sibling of the output, like its temporary directory."""
+    import os
 
-        steps.set_postfix_str("verifying")
-        verification: dict[str, Any] = {"skipped": "no merged model"} if not merge_model else {"skipped": "--no-verify"}
-        if merge_model and verify:
-            verification = verify_export(merged_dir, adapter_dir, base_path, target, probes)
-        if not save_adapter_dir and adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        steps.update()
-        steps.close()
-        manifest = {
-            "format": 1,
-            "inputs_fingerprint": fingerprint,
-            "source": {"checkpoint": checkpoint.source, "kind": checkpoint.kind, "tag": checkpoint.tag},
-            "global_step": checkpoint.global_step,
-            "base_model": str(base_name),
-            "base_model_path": base_path,
-            "lora_config": config,
-            "merge_impl": impl,
-            "merge_impl_reason": why,
-            "dtype": _DTYPE_NAMES[target],
-            "max_shard_size": max_shard_size,
-            "vocab_size": vocab,
-            "tokenizer": tokenizer_source,
-            "special_token_changes": special_changes,
-            "tensors": counts,
-            "files": file_manifest(tmp),
-            "versions": package_versions(),
-            "verification": verification,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        write_json(tmp / "export.json", manifest)
-        if verification.get("passed") is False:
-            failed = keep_failed(tmp, output.resolve())
-            raise ExportError(
-                f"verification failed: merged and adapter logits differ by {verification['max_abs_logit_diff']:.3g} "
-                f"(tolerance {verification['tolerance']:.3g} for {_DTYPE_NAMES[target]}); nothing was published, "
-                f"the export is kept aside in {str(failed)!r} with its report"
-            )
+    return output.resolve().parent / f".{output.name}.rdv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _message(err: BaseException) -> str:
+    return str(err) if isinstance(err, (ExportError, FileExistsError)) else f"{type(err).__name__}: {err}"
+
+
+def _lead(job: Job, meeting: Path, started: float, alive: Any = None) -> dict[str, Any]:
+    """Rank 0: write into a temporary directory with the others, publish it, tell them."""
+    world = job.options.workers
+    with Rendezvous(meeting, 0, world, alive=alive) as rendezvous:
+        try:
+            with publish_atomically(job.output, overwrite=job.options.overwrite) as tmp:
+                rendezvous.report("begin", str(tmp))
+                run_share(job, tmp, rendezvous)
+                manifest = finish(job, tmp, rendezvous.wait("verified"), started)
+        except BaseException as err:
+            rendezvous.fail(_message(err))
+            rendezvous.settle(timeout_s=30)  # let the others read why before the directory goes
+            shutil.rmtree(meeting, ignore_errors=True)
+            raise
+        rendezvous.report("published")
+        if world > 1:
+            try:
+                rendezvous.wait("done", ranks=list(range(1, world)), timeout_s=60)
+            except ExportError as err:
+                log.warning("export published; %s", err)
+    shutil.rmtree(meeting, ignore_errors=True)
     return manifest
+
+
+def _follow(checkpoint: str | Path, options: ExportOptions, meeting: Path, rank: int, world: int, impl: str,
+            fingerprint: str) -> None:
+    """Ranks 1..N-1: do this rank's share in rank 0's temporary directory, then wait for the publish."""
+    with Rendezvous(meeting, rank, world) as rendezvous:
+        try:
+            tmp = Path(rendezvous.wait("begin", ranks=[0])[0])
+            sources = read_sources(checkpoint, options)
+            dtype = resolve_dtype(options.dtype, sources.peft_model.base_model.model.config)
+            run_share(Job(sources, options, tmp, dtype, impl, "", fingerprint), tmp, rendezvous)
+            rendezvous.wait("published", ranks=[0])
+            rendezvous.report("done")
+        except BaseException as err:
+            rendezvous.fail(_message(err))
+            raise
+
+
+def _start_workers(job: Job, checkpoint: Any, meeting: Path) -> dict[int, Any]:
+    """Local processes for ranks 1..N-1 of ``export_checkpoint(..., workers=N)``."""
+    world = job.options.workers
+    if world == 1:
+        return {}
+    if isinstance(checkpoint, TrainedCheckpoint):
+        raise ExportError(f"--workers={world} needs a checkpoint path (each worker reads it); this one is in memory")
+    context = multiprocessing.get_context("spawn")
+    spec = {"checkpoint": str(checkpoint), "meeting": str(meeting), "world": world,
+            "options": {**asdict(job.options), "progress": False}, "impl": job.impl, "fingerprint": job.fingerprint}
+    processes = {rank: context.Process(target=_worker_main, args=({**spec, "rank": rank},), daemon=True) for rank in range(1, world)}
+    for process in processes.values():
+        process.start()
+    return processes
+
+
+def _worker_main(spec: dict[str, Any]) -> None:
+    """A local worker process (rank >= 1) of ``export_checkpoint(..., workers=N)``."""
+    import os
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    try:
+        _follow(spec["checkpoint"], ExportOptions(**spec["options"]), Path(spec["meeting"]), spec["rank"], spec["world"],
+                spec["impl"], spec["fingerprint"])
+    except BaseException:
+        raise SystemExit(1) from None
+
+
+def export_shared(checkpoint: str | Path, output: str | Path, rank: int, world: int, agree: Any, **settings: Any) -> dict[str, Any] | None:
+    """Export one checkpoint with the ``world`` ranks of a running job, each doing its share.
+
+    Every rank calls this. ``agree(value)`` must return rank 0's ``value`` on every rank (one
+    short broadcast, e.g. ``trainer.strategy.broadcast``); it is called once, right away, never
+    while a rank works. Rank 0 prepares (a failure there fails every rank at once); then the
+    ranks merge, check and meet through files beside the output, and rank 0 publishes once all
+    reported success. Returns the manifest on rank 0, ``None`` on the others.
+    """
+    started = time.perf_counter()
+    options = ExportOptions(**{**settings, "workers": world})
+    output = Path(output)
+    job, decision = None, {"problem": ""}
+    if rank == 0:
+        try:
+            job = prepare(checkpoint, output, options)
+            decision = {"problem": "", "unchanged": job.previous is not None, "impl": job.impl,
+                        "fingerprint": job.fingerprint, "meeting": str(_meeting_place(job.output))}
+        except Exception as err:  # every failure before the ranks part must reach all of them
+            decision = {"problem": _message(err)}
+    decision = agree(decision)
+    if decision["problem"]:
+        raise ExportError(decision["problem"])
+    if decision["unchanged"]:
+        return {**job.previous, "unchanged": True} if job is not None else None
+    if rank == 0:
+        return _lead(job, Path(decision["meeting"]), started)
+    _follow(checkpoint, options, Path(decision["meeting"]), rank, world, decision["impl"], decision["fingerprint"])
+    return None

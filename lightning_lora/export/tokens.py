@@ -18,9 +18,12 @@ from typing import Any
 
 import torch
 
+from lightning_lora.errors import ExportError
+
 __all__ = [
     "add_tokens",
     "embedding_names",
+    "mean_rows",
     "reconcile_special_ids",
     "resize_vocab",
     "tokenizer_files",
@@ -55,7 +58,18 @@ def resize_vocab(model: Any, vocab_size: int) -> None:
         matrices.append(output.weight)
     for weight in matrices:
         if weight.device.type != "meta":
-            weight[old:] = weight[:old].float().mean(dim=0).to(weight.dtype)
+            weight[old:] = mean_rows(weight[:old], vocab_size)[old:]
+
+
+def mean_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` grown to ``rows`` rows, each new one the mean of the old ones (in fp32, stored in
+    ``weight``'s dtype): the one definition of a new token's starting embedding, for training, both
+    merges and the verification."""
+    extra = rows - weight.shape[0]
+    if extra <= 0:
+        return weight
+    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(extra, *weight.shape[1:])])
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, str]:
@@ -83,8 +97,6 @@ def reconcile_special_ids(merged_dir: Path) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     vocab_size = json.loads((merged_dir / "config.json").read_text()).get("vocab_size")
     if vocab_size is not None and len(tokenizer) > vocab_size:
-        from lightning_lora.export.merge import ExportError
-
         raise ExportError(
             f"the tokenizer has {len(tokenizer)} tokens but the merged model embeds only {vocab_size}: "
             "the run added tokens the checkpoint does not record, or --tokenizer is not the one it trained with"

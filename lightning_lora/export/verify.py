@@ -1,159 +1,232 @@
-"""Reload an export from disk and compare the merged model with the adapter model.
+"""Verification: is the merged model on disk the model that was trained?
 
-Both are loaded the way a user would (``AutoModelForCausalLM.from_pretrained`` on the merged
-directory, ``PeftModel.from_pretrained`` on the base plus the adapter) and run in fp32, so the
-comparison measures the export (merge and one cast to the target dtype), not inference noise.
+Three checks, each independent of the merge (see :mod:`~lightning_lora.export.reference`):
+
+- *config*: ``merged/config.json`` says what the trained model's config says, except the fields
+  an export changes on purpose (dtype, vocabulary size, an untied head, special token ids);
+- *tensors* (:mod:`~lightning_lora.export.tensor_check`): every merged tensor against PEFT's own
+  merge of that module, or its source, cast once;
+- *function* (:mod:`~lightning_lora.export.function_check`): probes through both models block by
+  block, then the logits and their argmax.
+
+Memory stays near two decoder blocks in fp32 plus the embeddings, whatever the model size; it
+runs on the GPU when the process has one. :func:`verify_directory` re-checks a finished export.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_lora.export.tokens import resize_vocab
+from lightning_lora.errors import ExportError
+from lightning_lora.export.function_check import SAFETY, Side, check_function
+from lightning_lora.export.probes import build_probes
+from lightning_lora.export.reference import TrainedModel
+from lightning_lora.export.tensor_check import check_tensors, expected_keys
+from lightning_lora.export.weights import WeightFiles, read_config
 
-__all__ = ["TOLERANCE", "default_probes", "verify_directory", "verify_export"]
+__all__ = ["check_config", "compute_device", "describe_tolerances", "summarize_verification", "verify_directory", "verify_export"]
 
-# Allowed max |merged - adapter| logit difference, relative to max(1, max |logit|), per export dtype.
-# bf16 keeps 8 significand bits: one rounding of every merged weight moves logits by about 1e-2
-# of their scale on deep models; fp16 keeps 11.
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-PROBE_PROMPTS = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "Human: What is the capital of France?\n\nAssistant: ",
-    "def fibonacci(n):",
-    "The quick brown fox",
-)
-GENERATE_TOKENS = 32
+# config.json fields an export may change: the dtype it wrote, the vocabulary it grew, a head it
+# untied, the special ids it made agree with the shipped tokenizer, and bookkeeping.
+_EXPORT_FIELDS = {"dtype", "torch_dtype", "transformers_version", "_name_or_path", "vocab_size", "tie_word_embeddings",
+                  "eos_token_id", "bos_token_id", "pad_token_id", "architectures"}
 
 
-def default_probes(tokenizer: Any | None, vocab_size: int) -> list[list[int]]:
-    """Fixed prompts through the tokenizer, or fixed pseudo-random ids without one."""
-    if tokenizer is not None:
-        return [tokenizer(p)["input_ids"] for p in PROBE_PROMPTS]
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab_size, (len(PROBE_PROMPTS), 16), generator=generator).tolist()
+def compute_device(requested: str | torch.device | None = None) -> torch.device:
+    """The GPU this process uses when it has one (the end of a GPU training run), else the CPU."""
+    if requested is not None:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def _pad(probes: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad so that generation continues every probe from its last real token."""
-    length = max(len(p) for p in probes)
-    ids = torch.full((len(probes), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, probe in enumerate(probes):
-        ids[i, length - len(probe):] = torch.tensor(probe)
-        mask[i, length - len(probe):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def verify_export(
-    merged_dir: Path, adapter_dir: Path, base_model: str | Path, dtype: torch.dtype, probes: list[list[int]] | None = None
-) -> dict[str, Any]:
-    """Compare logits and 32-token greedy generations of the merged and the adapter model.
-
-    Returns a report with ``max_abs_logit_diff``, ``tolerance``, ``token_agreement`` (fraction of
-    generated tokens that agree) and ``passed``.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    resize_vocab(base, merged.get_input_embeddings().weight.shape[0])  # a run that added tokens
-    adapter = PeftModel.from_pretrained(base, adapter_dir).eval()
-    if probes is None:
-        tokenizer = AutoTokenizer.from_pretrained(merged_dir) if (merged_dir / "tokenizer_config.json").exists() else None
-        probes = default_probes(tokenizer, merged.config.vocab_size)
-    pad_id = merged.generation_config.pad_token_id
-    if pad_id is None:
-        pad_id = merged.generation_config.eos_token_id
-    pad_id = (pad_id[0] if isinstance(pad_id, list) else pad_id) or 0
-    input_ids, attention_mask = _pad(probes, pad_id)
-
-    merged_logits = merged(input_ids=input_ids, attention_mask=attention_mask).logits
-    adapter_logits = adapter(input_ids=input_ids, attention_mask=attention_mask).logits
-    real = attention_mask.bool()
-    diff = (merged_logits - adapter_logits)[real].abs().max().item()
-    scale = max(1.0, adapter_logits[real].abs().max().item())
-    tolerance = TOLERANCE[dtype] * scale
-
-    generate = dict(
-        attention_mask=attention_mask, max_new_tokens=GENERATE_TOKENS, min_new_tokens=GENERATE_TOKENS,
-        do_sample=False, pad_token_id=pad_id,
-    )
-    merged_tokens = merged.generate(input_ids=input_ids, **generate)[:, input_ids.shape[1]:]
-    adapter_tokens = adapter.generate(input_ids=input_ids, **generate)[:, input_ids.shape[1]:]
-    agreement = (merged_tokens == adapter_tokens).float().mean().item()
+def describe_tolerances(dtype: torch.dtype) -> dict[str, str]:
+    name = str(dtype).removeprefix("torch.")
     return {
-        "probes": len(probes),
-        "compute_dtype": "float32",
-        "max_abs_logit_diff": diff,
-        "logit_scale": scale,
-        "tolerance": tolerance,
-        "generated_tokens": int(merged_tokens.numel()),
-        "token_agreement": agreement,
-        "passed": diff <= tolerance,
+        "tensors": f"LoRA-merged: 1 ulp of {name} at max(|W|, |delta|) per element; everything else: bit for bit",
+        "function": f"{SAFETY:g} * (u + 2^-24 * sqrt(hidden_size)) * scale, u the unit roundoff of {name}, "
+                    "scale the largest |output - input| of the block (|logit| for the logits)",
     }
 
 
-def verify_directory(export_dir: Path, base_model: str | Path | None = None) -> dict[str, Any]:
-    """Re-check a finished export against its ``export.json``.
+def check_config(trained: Any, merged: Any, vocab_rows: int) -> list[str]:
+    """Fields of the merged config that differ from the trained model's, beyond an export's own changes."""
+    want, got = trained.to_dict(), merged.to_dict()
+    problems = [
+        f"config.json: {key} is {got.get(key)!r} in the merged model, the trained model's is {want.get(key)!r}"
+        for key in sorted(set(want) | set(got)) if key not in _EXPORT_FIELDS and want.get(key) != got.get(key)
+    ]
+    rows = getattr(merged.get_text_config(), "vocab_size", None)
+    if rows is not None and rows != vocab_rows:
+        problems.append(f"config.json: vocab_size is {rows}, the trained model embeds {vocab_rows} tokens")
+    return problems
 
-    Checks that every recorded file is there with its size and sha256, that no unrecorded file
-    was added, and that the merged weights have the shapes the merged ``config.json`` implies.
-    With ``base_model``, also compares merged and adapter logits as after the export.
+
+def _merged_model(merged_dir: Path) -> tuple[Any, Any]:
+    """The merged model on the meta device (buffers real), built from its own config.json."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(merged_dir, "merged")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    return model, config
+
+
+def verify_export(
+    merged_dir: Path,
+    peft_model: Any,
+    trained: dict[str, torch.Tensor],
+    frozen: Mapping[str, torch.Tensor],
+    base: WeightFiles,
+    dtype: torch.dtype,
+    probes: torch.Tensor | None = None,
+    keys: list[str] | None = None,
+    complete: bool = True,
+    function: bool = True,
+    device: str | torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Compare the merged directory with the trained model rebuilt from the sources.
+
+    Args:
+        merged_dir: the merged model directory (config, weights).
+        peft_model: the run's PEFT model on the meta device (structure only).
+        trained: the checkpoint's trained tensors by PEFT-model key.
+        frozen: the frozen weights the checkpoint holds (lazily read; may be empty).
+        base: the base model's weight files.
+        dtype: the export dtype.
+        probes: ``(n, tokens)`` ids for the function check (the fixed minimum set when ``None``).
+        keys: the merged tensors to tensor-check (all when ``None``): one worker's shards.
+        complete: also check that the merged files hold every tensor of the trained model (once,
+            by one worker).
+        function: run the function check (one worker of several may leave it to others).
+        device: where to compute (the process's GPU when it has one).
+        progress: called with (blocks done, blocks) during the function check.
 
     Returns:
-        A report; ``problems`` lists what failed (empty when the export is intact).
+        The report for ``export.json``; ``passed`` is false and ``problems`` names what failed.
+    """
+    started = time.perf_counter()
+    device = compute_device(device)
+    reference = TrainedModel(peft_model, trained, frozen, base)
+    merged_model, merged_config = _merged_model(merged_dir)
+    merged_files = WeightFiles(merged_dir, "merged", merged_model.base_model_prefix)
+    hf_model = peft_model.base_model.model
+    tied = bool(getattr(merged_config.get_text_config(), "tie_word_embeddings", False))
+    report: dict[str, Any] = {"device": str(device), "tolerances": describe_tolerances(dtype)}
+    problems = check_config(hf_model.config, merged_config, hf_model.get_input_embeddings().weight.shape[0])
+    report["config"] = {"problems": list(problems)}
+
+    if complete:
+        missing = sorted(expected_keys(peft_model, tied) - set(merged_files.keys()))
+        problems += [f"the merged files lack {key!r}" for key in missing]
+    keys = sorted(merged_files.keys()) if keys is None else keys
+    tensors = check_tensors(merged_files, keys, reference, dtype, device, tied)
+    problems += tensors.problems
+    report["tensors"] = tensors.as_dict()
+
+    if function:
+        if probes is None:
+            probes = build_probes(hf_model.get_input_embeddings().weight.shape[0])
+        value_of = lambda name: reference.value(name) if name in reference.shapes else None  # noqa: E731
+        sides = [Side("trained", peft_model, value_of, device),
+                 Side("merged", merged_model, lambda name: merged_files.get(name) if name in merged_files else None, device)]
+        try:
+            result = check_function(sides[0], sides[1], probes, dtype, progress)
+            problems += result.problems
+            report["function"] = result.as_dict()
+        except ExportError as err:  # a tensor the merged model needs is not in its files
+            problems.append(f"function check: {err}")
+        finally:
+            for side in sides:
+                side.close()
+    report["rewritten_base_tensors"] = sorted(reference.rewritten)
+    report["problems"] = problems
+    report["passed"] = not problems
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _shape_problems(merged_dir: Path) -> list[str]:
+    """Tensors whose shape in the safetensors files is not what the merged config implies (cheap:
+    file headers against the model built on the meta device)."""
+    model, _ = _merged_model(merged_dir)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    files = WeightFiles(merged_dir, "merged", model.base_model_prefix)
+    problems = []
+    for key, info in files.tensors.items():
+        want = expected.get(key, expected.get(f"{model.base_model_prefix}.{key}"))
+        if want is None:
+            problems.append(f"{info.file.name} holds {key!r}, which the merged config has no place for")
+        elif want != info.shape:
+            problems.append(f"{key!r} has shape {info.shape} in {info.file.name}, the config implies {want}")
+    return problems
+
+
+def verify_directory(export_dir: Path, base_model: str | Path | None = None, checkpoint: str | Path | None = None,
+                     device: str | None = None) -> dict[str, Any]:
+    """Re-check a finished export against its ``export.json``, and with ``base_model`` against the trained model.
+
+    Checks that every recorded file is there with its size and sha256 and that no unrecorded file
+    was added. With ``base_model``, the merged model is verified as after the export, against
+    the trained model rebuilt from ``checkpoint`` (by default the one ``export.json`` names, if it
+    is still there; otherwise the exported adapter, which is then the reference).
+
+    Returns:
+        A report; ``problems`` lists what failed (empty when the export is intact and verified).
     """
     from lightning_lora.export.hf import file_manifest
 
     manifest_path = export_dir / "export.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"DIR={str(export_dir)!r} holds no export.json: not an export directory")
-    manifest = json.loads(manifest_path.read_text())
-    recorded, actual = manifest["files"], file_manifest(export_dir)
+        raise ExportError(f"DIR={str(export_dir)!r} holds no export.json: not an export directory")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        recorded = manifest["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ExportError(f"DIR={str(export_dir)!r}: export.json is not an export manifest ({err})") from err
+    actual = file_manifest(export_dir)
     actual.pop("export.json", None)
     problems = [f"missing file {name}" for name in sorted(set(recorded) - set(actual))]
     problems += [f"unrecorded file {name}" for name in sorted(set(actual) - set(recorded))]
     for name in sorted(set(recorded) & set(actual)):
         if recorded[name] != actual[name]:
             problems.append(f"{name} differs from export.json (size {actual[name]['size']} vs {recorded[name]['size']}, sha256)")
+    report: dict[str, Any] = {"files_checked": len(recorded), "problems": problems}
     merged_dir = export_dir / "merged"
     if (merged_dir / "config.json").is_file() and not problems:
         problems += _shape_problems(merged_dir)
-    report: dict[str, Any] = {"files_checked": len(recorded), "problems": problems}
-    if base_model is not None and not problems and (export_dir / "adapter").is_dir() and merged_dir.is_dir():
-        from lightning_lora.tiny import resolve_model_path
+    if base_model is not None and merged_dir.is_dir() and not problems:
+        from lightning_lora.export.sources import open_sources
 
+        sources = open_sources(manifest, export_dir, str(base_model), checkpoint)
         dtype = getattr(torch, manifest["dtype"])
-        report["logits"] = verify_export(merged_dir, export_dir / "adapter", resolve_model_path(str(base_model)), dtype)
-        if not report["logits"]["passed"]:
-            problems.append(
-                f"merged and adapter logits differ by {report['logits']['max_abs_logit_diff']:.3g} "
-                f"(tolerance {report['logits']['tolerance']:.3g})"
-            )
+        result = verify_export(merged_dir, sources.peft_model, sources.trained, sources.frozen, sources.base, dtype,
+                               device=device)
+        result["reference"] = sources.description
+        report["verification"] = result
+        problems += result["problems"]
     return report
 
 
-def _shape_problems(merged_dir: Path) -> list[str]:
-    """Tensors whose shape in the safetensors files is not what the merged config implies."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        expected = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(merged_dir)).state_dict()
-    problems = []
-    for file in sorted(merged_dir.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                shape = tuple(f.get_slice(key).get_shape())
-                if key not in expected:
-                    problems.append(f"{file.name} holds {key!r}, which the merged config has no place for")
-                elif tuple(expected[key].shape) != shape:
-                    problems.append(f"{key!r} has shape {shape} in {file.name}, the config implies {tuple(expected[key].shape)}")
-    return problems
+def summarize_verification(verification: dict) -> str:
+    """The verification result in one phrase, for the command's and the callback's summary line."""
+    if "skipped" in verification:
+        return f"not verified ({verification['skipped']})"
+    tensors, function = verification.get("tensors", {}), verification.get("function", {})
+    text = f"verified: {tensors.get('checked', 0)} tensors match PEFT's merge of the trained model"
+    if function:
+        logits = function.get("logits") or {}
+        text += (f"; {function.get('blocks_checked', 0)} blocks and the logits agree on {function.get('tokens', 0)} probe tokens "
+                 f"(max |logit diff| {logits.get('max_abs_diff', 0):.2e} <= {logits.get('tolerance', 0):.2e}, "
+                 f"argmax agrees at {100 * logits.get('argmax_agreement', 1.0):.1f}% of positions)")
+    return text

@@ -1,24 +1,28 @@
 """Read DeepSpeed ZeRO checkpoints (stage 1, 2 and 3, any world size) with DeepSpeed's own functions.
 
 Trainable tensors come from ``deepspeed.utils.zero_to_fp32`` (the fp32 master weights). Frozen
-weights are only read when the caller has no base model directory to take them from: then from
-``zero_to_fp32`` too, or, on ZeRO stage 1 where it returns none, from the rank-0 ``module`` entry.
+weights are never consolidated as a whole: :class:`ZeroFrozenTensors` reads one at a time, from
+wherever the stage keeps them, when the export needs it (an initialisation that rewrote the base).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lightning_lora.errors import ExportError
+
 __all__ = [
     "ZeroCheckpointError",
+    "ZeroFrozenTensors",
     "check_rank_files",
     "is_zero_checkpoint",
     "read_model_states",
@@ -30,7 +34,7 @@ _MODEL_STATES = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\
 _OPTIM_STATES = re.compile(r"(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
-class ZeroCheckpointError(ValueError):
+class ZeroCheckpointError(ExportError):
     """A ZeRO checkpoint directory that cannot be read as it is."""
 
 
@@ -134,16 +138,13 @@ def _memory_mapped_loads() -> Iterator[None]:
         torch.load = original
 
 
-def read_zero_checkpoint(tag_dir: Path, include_frozen: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Consolidate a ZeRO tag directory into full tensors.
-
-    Args:
-        tag_dir: a tag directory (see :func:`resolve_zero_tag`).
-        include_frozen: also return frozen weights (needed when no base model directory is given).
+def read_zero_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], ZeroFrozenTensors, dict[str, Any]]:
+    """Consolidate a ZeRO tag directory's trained tensors; find its frozen weights without reading them.
 
     Returns:
-        The tensors by checkpoint key, and the client state Lightning stored beside them
-        (``global_step``, ``hyper_parameters``, ...).
+        The trained tensors (fp32 master weights) by checkpoint key, the frozen weights the
+        checkpoint holds (read one at a time on access, see :class:`ZeroFrozenTensors`), and the
+        client state Lightning stored beside them (``global_step``, ``hyper_parameters``, ...).
     """
     from deepspeed.utils import zero_to_fp32
 
@@ -151,24 +152,77 @@ def read_zero_checkpoint(tag_dir: Path, include_frozen: bool) -> tuple[dict[str,
     states = read_model_states(tag_dir)
     check_rank_files(tag_dir, states)
     kwargs: dict[str, Any] = {"tag": tag_dir.name}
-    # Feature detection instead of version checks: older DeepSpeed lacks these arguments.
+    # Feature detection instead of version checks: older DeepSpeed lacks this argument.
     parameters = inspect.signature(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint).parameters
     if "exclude_frozen_parameters" in parameters:
-        kwargs["exclude_frozen_parameters"] = not include_frozen
+        kwargs["exclude_frozen_parameters"] = True
     try:
         with _memory_mapped_loads():
             tensors = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), **kwargs)
-    except (FileNotFoundError, ValueError, RuntimeError, EOFError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, EOFError, KeyError) as err:
         raise ZeroCheckpointError(f"DeepSpeed could not consolidate {str(tag_dir)!r}: {err}") from err
     # Owned copies: the values may be views into memory-mapped checkpoint files.
     tensors = {key: value.contiguous().clone() for key, value in tensors.items()}
-    if include_frozen:
-        # ZeRO stage 1 returns no frozen weights; the rank-0 module state holds them whole.
-        for key, value in states.get("module", {}).items():
-            if key not in tensors and isinstance(value, torch.Tensor) and value.numel() > 0:
-                tensors[key] = value.clone()
+    frozen = ZeroFrozenTensors(tag_dir, states, trained=set(tensors))
     client_state = {key: value for key, value in states.items() if key not in _ENGINE_KEYS}
-    return tensors, client_state
+    return tensors, frozen, client_state
+
+
+class ZeroFrozenTensors(Mapping[str, torch.Tensor]):
+    """The frozen weights a ZeRO checkpoint holds, by checkpoint key, each read when it is asked for.
+
+    Where they are depends on the stage: ZeRO-1 keeps them only in rank 0's ``module`` state,
+    ZeRO-2 also as ``frozen_param_fragments`` (whole tensors), ZeRO-3 as one fragment per rank
+    that must be concatenated. The rank files are memory-mapped, so a tensor costs memory only
+    while it is used (ZeRO-3: one concatenated copy). A checkpoint written with
+    ``exclude_frozen_parameters`` holds none: the mapping is empty.
+    """
+
+    def __init__(self, tag_dir: Path, states: dict[str, Any], trained: set[str]) -> None:
+        self.tag_dir = tag_dir
+        self.stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+        self._rank_states: list[dict[str, Any]] | None = None
+        shapes = states.get("frozen_param_shapes") or {}
+        self._fragments = states.get("frozen_param_fragments") or {}
+        if self.stage == 3:
+            self._shapes = {key: tuple(shape) for key, shape in shapes.items()}
+            self._module: dict[str, torch.Tensor] = {}
+        else:
+            # Stages 1 and 2 keep every parameter whole in the module state (trained ones as their
+            # working copies, which the fp32 masters supersede).
+            buffers = set(states.get("buffer_names") or [])
+            self._module = {
+                key: value for key, value in (states.get("module") or {}).items()
+                if isinstance(value, torch.Tensor) and value.numel() > 0 and key not in trained and key not in buffers
+            }
+            self._shapes = {key: tuple(value.shape) for key, value in self._module.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._shapes:
+            raise KeyError(key)
+        if self.stage != 3:
+            return self._module[key]
+        fragments = [state["frozen_param_fragments"][key] for state in self._all_ranks()]
+        numel = math.prod(self._shapes[key])
+        return torch.cat([f.reshape(-1) for f in fragments]).narrow(0, 0, numel).view(self._shapes[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def _all_ranks(self) -> list[dict[str, Any]]:
+        if self._rank_states is None:
+            files = sorted(
+                (p for p in self.tag_dir.iterdir() if (m := _MODEL_STATES.search(p.name)) and m.group(1) is not None),
+                key=lambda p: int(_MODEL_STATES.search(p.name).group(1)),
+            )
+            self._rank_states = [_load(file) for file in files]
+        return self._rank_states
 
 
 # What DeepSpeed itself stores in the model states; the rest is Lightning's client state.

@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -38,6 +39,8 @@ from deepspeed_cpu import CPUDeepSpeedStrategy, cpu_deepspeed_env  # noqa: E402 
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 from lightning_lora import InstructionDataModule, LoraFinetuneModule  # noqa: E402
 from lightning_lora.callbacks import HFExport  # noqa: E402
@@ -45,11 +48,13 @@ from lightning_lora.tiny import quickstart_rows  # noqa: E402
 
 
 class UserModule(L.LightningModule):
-    """A LightningModule written by a user, not ours: the PEFT model lives in ``self.net``."""
+    """A LightningModule written by a user, not ours: the PEFT model lives in ``self.net``, under
+    the adapter name the user chose; initialisations that need data (CorDA, LoRA-GA) are prepared
+    the way PEFT documents it, on a few batches of fixed calibration ids."""
 
-    def __init__(self, base: str, lora: dict) -> None:
+    def __init__(self, base: str, lora: dict, adapter_name: str = "default") -> None:
         super().__init__()
-        self.base, self.lora = base, lora
+        self.base, self.lora, self.adapter_name = base, lora, adapter_name
         self.net: torch.nn.Module | None = None
 
     def configure_model(self) -> None:
@@ -58,13 +63,51 @@ class UserModule(L.LightningModule):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        self.net = get_peft_model(AutoModelForCausalLM.from_pretrained(self.base), LoraConfig(**self.lora))
+        base = AutoModelForCausalLM.from_pretrained(self.base)
+        config = LoraConfig(**self.lora)
+        _prepare_data_driven_init(base, config)
+        self.net = get_peft_model(base, config, adapter_name=self.adapter_name)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.net(**batch).loss
+        loss = self.net(**batch).loss
+        self.log("train_loss", loss)
+        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _prepare_data_driven_init(base: torch.nn.Module, config) -> None:
+    """CorDA's covariances and LoRA-GA's gradients, from fixed calibration batches (PEFT's recipe)."""
+    init = str(config.init_lora_weights)
+    if init not in ("corda", "lora_ga"):
+        return
+    generator = torch.Generator().manual_seed(0)
+    # One sequence per batch: CorDA's hooks take (tokens, features) inputs.
+    batches = [torch.randint(3, base.config.vocab_size, (1, 24), generator=generator) for _ in range(4)]
+    if init == "corda":
+        from peft.tuners.lora.config import CordaConfig
+        from peft.tuners.lora.corda import preprocess_corda
+
+        config.corda_config = CordaConfig(corda_method="ipm")
+
+        def run_model() -> None:
+            with torch.no_grad():
+                for ids in batches:
+                    base(input_ids=ids)
+
+        preprocess_corda(base, config, run_model=run_model)
+    else:
+        from peft.tuners.lora.config import LoraGAConfig
+        from peft.tuners.lora.loraga import preprocess_loraga
+
+        config.lora_ga_config = LoraGAConfig()
+
+        def train_step() -> None:
+            for ids in batches:
+                base(input_ids=ids, labels=ids).loss.backward()
+
+        preprocess_loraga(base, config, train_step)
 
 
 def parse() -> argparse.Namespace:
@@ -87,10 +130,23 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--export", action="store_true", help="add HFExport(dirpath=OUT/export)")
     parser.add_argument("--export-dtype", default="auto")
     parser.add_argument("--export-base-model", default=None, help="HFExport(base_model=...), e.g. a wrong one")
+    parser.add_argument("--export-shard-size", default="5GB", help="HFExport(max_shard_size=...)")
     parser.add_argument("--steps", type=int, default=4, help="max_steps (the total, when resuming)")
     parser.add_argument("--resume-from", default=None, help="checkpoint to resume (ckpt_path of trainer.fit)")
     parser.add_argument("--record", action="store_true", help="write start.pt and finished.json (see above)")
     parser.add_argument("--added-tokens", default="", help="comma-separated new tokens; every answer ends with one")
+    parser.add_argument("--init", default=None, help="init_lora_weights (pissa, olora, corda, lora_ga, ...)")
+    parser.add_argument("--lora-bias", action="store_true", help="LoraConfig(lora_bias=True)")
+    parser.add_argument("--rank-pattern", default="", help="a JSON rank_pattern, e.g. '{\"v_proj\": 2}'")
+    parser.add_argument("--adapter-name", default="default", help="the user module's adapter name")
+    parser.add_argument("--top-k-checkpoints", action="store_true",
+                        help="ModelCheckpoint(save_top_k=2, monitor='score', mode='min') every step, no save_last; "
+                        "the logged scores make step 2 the best and the last checkpoint written one of step 4")
+    parser.add_argument("--fail-at", type=int, default=None, help="training_step raises at this step")
+    parser.add_argument("--export-on-exception", action="store_true")
+    parser.add_argument("--inject-oserror", action="store_true",
+                        help="reading the final checkpoint raises OSError on global rank 0, as a network filesystem can")
+    parser.add_argument("--pg-timeout", type=float, default=None, help="process-group timeout in seconds")
     return parser.parse_args()
 
 
@@ -103,11 +159,28 @@ def main() -> None:
     lora = dict(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets,
                 modules_to_save=args.modules_to_save.split(",") if args.modules_to_save else None,
                 use_rslora=args.rslora, use_dora=args.dora)
+    if args.init is not None:
+        lora["init_lora_weights"] = args.init
+    extra = {"lora_bias": True} if args.lora_bias else {}
+    if args.rank_pattern:
+        extra["rank_pattern"] = json.loads(args.rank_pattern)
     if args.user_module:
-        module: L.LightningModule = UserModule(args.base, {**lora, "task_type": "CAUSAL_LM"})
+        module: L.LightningModule = UserModule(args.base, {**lora, **extra, "task_type": "CAUSAL_LM"}, args.adapter_name)
     else:
         module = LoraFinetuneModule(args.base, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
                                     added_tokens=added or None, **lora)
+    step = module.training_step
+
+    def instrumented_step(batch: dict, batch_idx: int) -> torch.Tensor:
+        if module.global_step == args.fail_at:
+            raise RuntimeError("simulated failure")
+        # Steps 1..4 score 5, 1, 3, 2: kept top-2 (lowest) are then steps 2 and 4, and step 2 is "best".
+        module.log("score", float(SCORES[module.global_step % len(SCORES)]))
+        return step(batch, batch_idx)
+
+    module.training_step = instrumented_step
+    if args.inject_oserror:
+        _inject_oserror()
     data_file = out / "train.jsonl"
     if "LOCAL_RANK" not in os.environ or args.num_nodes > 1:
         # The launching process writes; the ranks Lightning starts read. Processes started by an
@@ -122,27 +195,36 @@ def main() -> None:
     data = InstructionDataModule(str(data_file), tokenizer=args.base, batch_size=4, val_split=0.125,
                                  template="human_assistant", max_length=64, added_tokens=added or None)
 
+    timeout = {"timeout": datetime.timedelta(seconds=args.pg_timeout)} if args.pg_timeout else {}
     if args.strategy == "deepspeed":
-        strategy: object = CPUDeepSpeedStrategy(stage=args.stage, exclude_frozen_parameters=args.exclude_frozen)
+        strategy: object = CPUDeepSpeedStrategy(stage=args.stage, exclude_frozen_parameters=args.exclude_frozen, **timeout)
     elif args.strategy == "ddp":
-        strategy = "ddp"
+        strategy = DDPStrategy(**timeout)
     else:
         strategy = "auto"
-    export = HFExport(dirpath=str(out / "export"), dtype=args.export_dtype, base_model=args.export_base_model)
+    export = HFExport(dirpath=str(out / "export"), dtype=args.export_dtype, base_model=args.export_base_model,
+                      export_on_exception=args.export_on_exception, max_shard_size=args.export_shard_size)
     callbacks: list[L.Callback] = [export] if args.export else []
+    if args.top_k_checkpoints:
+        # The one written last (step 4) is neither ModelCheckpoint's "best" (step 2) nor a "last".
+        callbacks.insert(0, ModelCheckpoint(dirpath=out / "checkpoints", monitor="score", mode="min", save_top_k=2,
+                                            every_n_train_steps=1, save_last=False))
     if args.record:
         callbacks.append(RecordStart(out / "start.pt"))
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
         max_steps=args.steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=args.top_k_checkpoints, enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, default_root_dir=str(out),
     )
     trainer.fit(module, datamodule=data, ckpt_path=args.resume_from)
     trainer.save_checkpoint(out / "ckpt")
     trained = _gather_trained(trainer, module)
+    frozen = _gather_lora_bases(module) if args.init is not None else None
     if trainer.is_global_zero:
         torch.save(trained, out / "trained.pt")
+        if frozen is not None:
+            torch.save(frozen, out / "frozen.pt")
         if args.record:
             finished = {"global_step": trainer.global_step, "strict_loading": module.strict_loading}
             (out / "finished.json").write_text(json.dumps(finished))
@@ -167,6 +249,30 @@ class RecordStart(L.Callback):
         }
         if trainer.is_global_zero:
             torch.save(start, self.path)
+
+
+SCORES = (5, 1, 3, 2)
+
+
+def _inject_oserror() -> None:
+    """Reading a checkpoint's rank files fails on global rank 0 as a flaky network filesystem would."""
+    import lightning_lora.export.zero as zero
+
+    original = zero._load
+
+    def flaky(path: Path) -> dict:
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+            raise OSError(f"[Errno 5] Input/output error: {str(path)!r} (injected)")
+        return original(path)
+
+    zero._load = flaky
+
+
+def _gather_lora_bases(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """The base weights of the LoRA layers as training ended (an initialisation may have rewritten
+    them), full, named as in the PEFT model. Not partitioned: the runs that use it are not ZeRO-3."""
+    return {name.removeprefix(_attribute(module)): param.detach().float().cpu().clone()
+            for name, param in module.named_parameters() if name.endswith(".base_layer.weight")}
 
 
 def _attribute(module: L.LightningModule) -> str:

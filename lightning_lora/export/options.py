@@ -1,0 +1,101 @@
+"""The settings of an export, validated where they are built: a bad one fails before anything is read."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_lora.dtypes import canonical_dtype
+from lightning_lora.errors import ExportError
+from lightning_lora.export.memory import MERGE_IMPLS
+from lightning_lora.export.plan import parse_size
+
+__all__ = ["ExportOptions"]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export, as ``lightning-lora export`` and ``HFExport`` take it.
+
+    Attributes:
+        base_model: the base model directory (or ``builtin:...``); the checkpoint's record by default.
+        lora_config: an ``adapter_config.json``, a directory holding one, or a dict; recorded by default.
+        dtype: ``auto`` (the base's), ``fp32``, ``bf16``, ``fp16`` (torch's names too).
+        max_shard_size: largest safetensors shard of the merged model, e.g. ``"2GB"``.
+        prefix: the LightningModule attribute holding the PEFT model, e.g. ``"net."``; detected by default.
+        tag: the ZeRO tag to read instead of the one ``latest`` names.
+        adapter_name: the PEFT adapter to export when the module held several.
+        r: override the LoRA rank of the recorded config.
+        lora_alpha: override the LoRA alpha of the recorded config.
+        merge: write ``merged/``.
+        merge_impl: ``peft`` (the whole model in memory), ``streaming`` (one tensor at a time), or
+            ``auto``: streaming unless the whole-model merge and its verification fit comfortably.
+        save_adapter: write ``adapter/``.
+        verify: check the merged model against the trained model; a failure publishes nothing.
+        overwrite: replace an existing export (never anything else) in the output directory.
+        probes: token id sequences for the function check, beside the fixed minimum set.
+        tokenizer: the tokenizer to ship; by default the one the run trained with, else the base's.
+        frozen_from_checkpoint: take every frozen weight from the checkpoint, not the base directory
+            (automatic for the weights an initialisation rewrote).
+        workers: local processes that share the merge and the verification.
+        device: where verification computes (the process's GPU when it has one).
+        progress: show progress bars (a terminal) or log lines.
+    """
+
+    base_model: str | None = None
+    lora_config: str | dict[str, Any] | None = None
+    dtype: str = "auto"
+    max_shard_size: str = "5GB"
+    prefix: str | None = None
+    tag: str | None = None
+    adapter_name: str | None = None
+    r: int | None = None
+    lora_alpha: float | None = None
+    merge: bool = True
+    merge_impl: str = "auto"
+    save_adapter: bool = True
+    verify: bool = True
+    overwrite: bool = False
+    probes: list[list[int]] | None = field(default=None, compare=False)
+    tokenizer: str | None = None
+    frozen_from_checkpoint: bool = False
+    workers: int = 1
+    device: str | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "dtype", canonical_dtype(self.dtype, "--dtype"))
+        except ValueError as err:
+            raise ExportError(str(err)) from err
+        parse_size(self.max_shard_size)
+        if self.merge_impl not in MERGE_IMPLS:
+            raise ExportError(f"--merge-impl={self.merge_impl!r} is not one of {list(MERGE_IMPLS)}")
+        if self.r is not None and (not isinstance(self.r, int) or self.r <= 0):
+            raise ExportError(f"--r={self.r!r} is not a positive integer")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ExportError(f"--lora-alpha={self.lora_alpha!r} is not a positive number")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ExportError(f"--workers={self.workers!r} is not a positive integer")
+        if not self.merge and not self.save_adapter:
+            raise ExportError("merge=False and save_adapter=False (--no-merge without an adapter) would export nothing")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ExportError(f"--device={self.device!r} is not a device: {err}") from err
+        for name in ("base_model", "tokenizer", "lora_config"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                object.__setattr__(self, name, str(value))
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """Every setting that changes a weight, a file's content or what is checked (not ``overwrite``,
+        ``progress``, ``workers`` or ``device``, which change none of them)."""
+        settings = asdict(self)
+        for key in ("overwrite", "progress", "workers", "device"):
+            settings.pop(key)
+        return settings
