@@ -10,9 +10,15 @@ steps with real DeepSpeed ZeRO-3 on 2 CPU processes (cached too), and then measu
 fresh process, the peak RSS and the wall time of:
 
 - ``manual``: the recipe users follow today (``zero_to_fp32`` -> PEFT ``merge_and_unload`` ->
-  ``save_pretrained``);
-- ``ours_peft``: ``lightning-lora export --merge-impl peft``;
-- ``ours_streaming``: ``lightning-lora export --merge-impl streaming``;
+  ``save_pretrained``), which verifies nothing;
+- ``ours_peft``, ``ours_streaming``: ``lightning-lora export --merge-impl peft|streaming --no-verify``;
+- ``ours_verify_w1``, ``ours_verify_w2``: the streaming export with its verification, on 1 and on
+  2 local workers (``--workers``);
+- ``ours_default``: ``lightning-lora export`` with its defaults (``--merge-impl auto``, verified);
+- ``verify``: ``lightning-lora verify OUT --base-model BASE`` on ``ours_verify_w1``'s export;
+- ``floor``: what any verification of this model must at least do on this machine: read every
+  weight of the base and the merged model once (as fp32), and run the fixed probe set (4 x 64
+  tokens) through the fp32 model twice (the trained and the merged side);
 - ``copy``: ``shutil.copytree`` of the base model directory (the disk-bound floor).
 
 The merged outputs are then compared tensor by tensor (one tensor in memory at a time). Results go
@@ -45,7 +51,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 TRAIN_SCRIPT = REPO / "benchmarks" / "_train_zero3.py"
-VARIANTS = ("copy", "manual", "ours_peft", "ours_streaming")
+VARIANTS = ("copy", "manual", "ours_peft", "ours_streaming", "ours_verify_w1", "ours_verify_w2", "ours_default", "verify",
+            "floor")
+# name -> (--merge-impl, verified, --workers) of the export variants.
+EXPORTS = {"ours_peft": ("peft", False, 1), "ours_streaming": ("streaming", False, 1),
+           "ours_verify_w1": ("streaming", True, 1), "ours_verify_w2": ("streaming", True, 2), "ours_default": ("auto", True, 1)}
 GiB = 2**30
 
 # Bump when the way a base or checkpoint is built changes, so stale caches are not reused.
@@ -129,7 +139,35 @@ def worker_copy(src: str, dst: str) -> None:
     shutil.copytree(src, dst)
 
 
-WORKERS = {"build-base": worker_build_base, "manual": worker_manual, "copy": worker_copy}
+def worker_floor(base: str, merged: str) -> None:
+    """The floor of a verification: every weight of both models read once as fp32, and two fp32
+    forward passes of the fixed probe set (4 x 64 tokens; and of half of it, one worker's share
+    of two). Prints the seconds as JSON."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    for directory in (base, merged):
+        for file in sorted(Path(directory).glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    f.get_tensor(key).float()
+    read_s = time.perf_counter() - started
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    probes = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    timings = {}
+    with torch.no_grad():
+        model(input_ids=probes[:1])  # warm-up
+        for name, batch in (("forward_x2_4_probes_s", probes), ("forward_x2_2_probes_s", probes[:2])):
+            started = time.perf_counter()
+            model(input_ids=batch)
+            model(input_ids=batch)
+            timings[name] = round(time.perf_counter() - started, 3)
+    print(json.dumps({"read_both_models_fp32_s": round(read_s, 3), **timings}))
+
+
+WORKERS = {"build-base": worker_build_base, "manual": worker_manual, "copy": worker_copy, "floor": worker_floor}
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,11 +286,20 @@ def worker_cmd(name: str, *args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "_worker", name, *args]
 
 
-def export_cmd(impl: str, checkpoint: Path, base: Path, out: Path, max_shard_size: str) -> list[str]:
+def _command() -> list[str]:
     script = Path(sys.executable).parent / "lightning-lora"
-    prefix = [str(script)] if script.is_file() else [sys.executable, "-m", "lightning_lora"]
-    return [*prefix, "export", "--checkpoint", str(checkpoint), "--base-model", str(base), "--output", str(out),
-            "--merge-impl", impl, "--no-verify", "--max-shard-size", max_shard_size, "--dtype", "bf16"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "lightning_lora"]
+
+
+def export_cmd(variant: str, checkpoint: Path, base: Path, out: Path, max_shard_size: str) -> list[str]:
+    impl, verified, workers = EXPORTS[variant]
+    return [*_command(), "export", "--checkpoint", str(checkpoint), "--base-model", str(base), "--output", str(out),
+            "--merge-impl", impl, *([] if verified else ["--no-verify"]), "--workers", str(workers),
+            "--max-shard-size", max_shard_size, "--dtype", "bf16"]
+
+
+def verify_cmd(export: Path, base: Path) -> list[str]:
+    return [*_command(), "verify", str(export), "--base-model", str(base)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,15 +501,33 @@ def warm_page_cache(*paths: Path) -> None:
 def run_variant(variant: str, checkpoint: Path, base: Path, out: Path, shard: str, logs: Path,
                 data_limit: int | None = None, code: Path | None = None) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
+    verified = out.parent / "ours_verify_w1"
     if variant == "copy":
         cmd = worker_cmd("copy", str(base), str(out))
     elif variant == "manual":
         cmd = worker_cmd("manual", str(checkpoint), str(base), str(out), shard)
+    elif variant == "floor":
+        cmd = worker_cmd("floor", str(base), str(verified / "merged"))
+    elif variant == "verify":
+        cmd = verify_cmd(verified, base)
     else:
-        cmd = export_cmd(variant.removeprefix("ours_"), checkpoint, base, out, shard)
-    env = {**os.environ, "PYTHONPATH": str(code)} if code is not None and variant.startswith("ours_") else None
+        cmd = export_cmd(variant, checkpoint, base, out, shard)
+    ours = variant.startswith("ours_") or variant == "verify"
+    env = {**os.environ, "PYTHONPATH": str(code)} if code is not None and ours else None
     run = measure(variant, cmd, logs, data_limit=data_limit, env=env)
+    if variant in ("floor", "verify"):
+        if variant == "floor" and run["returncode"] == 0:
+            run["floor"] = json.loads((logs / "floor.stdout").read_text().strip().splitlines()[-1])
+        os.sync()
+        return run
     merged = out / "merged" if variant.startswith("ours_") else out
+    if variant.startswith("ours_") and run["returncode"] == 0:
+        manifest = json.loads((out / "export.json").read_text())
+        verification = manifest["verification"]
+        run["export_s"] = manifest["seconds"]
+        run["verification_s"] = verification.get("seconds")
+        run["merge_impl"] = manifest["merge_impl"]
+        run["verified"] = verification.get("passed")
     if run["returncode"] == 0:
         run["largest_output_shard_bytes"] = largest_shard(merged)
         run["output_weight_bytes"] = sum(p.stat().st_size for p in merged.glob("*.safetensors"))
@@ -508,6 +573,18 @@ def ratios_and_targets(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict
     if p and man:
         target("ours_peft peak RSS <= manual", p["peak_rss_bytes"], man["peak_rss_bytes"], "bytes")
         target("ours_peft wall <= manual", p["wall_s"], man["wall_s"], "s")
+    # Verification (issue: at any model size, shared by the workers).
+    w2 = med.get("ours_verify_w2")
+    if w2 and man:
+        target("verified export, 2 workers: wall <= manual (which verifies nothing)", w2["wall_s"], man["wall_s"], "s")
+    for variant in ("ours_verify_w1", "ours_verify_w2"):
+        share = [r["verification_s"] / r["export_s"] for r in runs
+                 if r["variant"] == variant and r["returncode"] == 0 and r.get("verification_s")]
+        if share:
+            target(f"{variant}: verification <= 0.5 x export wall", statistics.median(share), 0.5, "ratio")
+    for variant in ("ours_verify_w1", "ours_verify_w2", "ours_default", "verify"):
+        if med.get(variant):
+            target(f"{variant}: peak RSS per worker <= 1.2 GiB", med[variant]["peak_rss_bytes"], 1.2 * GiB, "bytes")
     return ratios, targets
 
 
@@ -600,11 +677,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{fmt_gib(max(x['sampled_peak_rss_anon_bytes'] for x in ok))} | "
             f"{fmt_gib(max(x['sampled_peak_vmdata_bytes'] for x in ok))} |"
         )
-    lines += ["", "\\* sampled every 20 ms from `/proc/PID/status`; peak RSS itself is the child's `ru_maxrss` "
-              "(anonymous + file-backed pages, including memory-mapped input files).", "", "## Targets", "",
+    lines += ["", "\\* sampled every 20 ms from `/proc/PID/status`, summed over the worker processes; peak RSS "
+              "itself is the child's `ru_maxrss` (anonymous + file-backed pages, including memory-mapped input "
+              "files), for several workers that of the largest one.", ""]
+    lines += verification_lines(report)
+    lines += ["", "## Targets", "",
               "| target | value | limit | met |", "|---|---:|---:|---|"]
     for name, t in report["targets"].items():
-        show = (lambda v: f"{v / GiB:.2f} GiB") if t["unit"] == "bytes" else (lambda v: f"{v:.1f} s")
+        show = {"bytes": lambda v: f"{v / GiB:.2f} GiB", "s": lambda v: f"{v:.1f} s", "ratio": lambda v: f"{v:.2f}"}[t["unit"]]
         lines.append(f"| {name} | {show(t['value'])} | {show(t['limit'])} | {'yes' if t['met'] else 'NO'} |")
     c = report.get("correctness", {})
     if c:
@@ -649,6 +729,28 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {wall} |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def verification_lines(report: dict[str, Any]) -> list[str]:
+    """How much of each verified export was verification, beside the floor on this machine."""
+    rows = [r for r in report["runs"] if r.get("verification_s") and r["returncode"] == 0]
+    floors = [r["floor"] for r in report["runs"] if r["variant"] == "floor" and "floor" in r]
+    if not rows and not floors:
+        return []
+    lines = ["## Verification", "", "| variant | merge | export (s, its own clock) | of which verification (s) | share |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['merge_impl']} | {r['export_s']:.1f} | {r['verification_s']:.1f} | "
+                     f"{r['verification_s'] / r['export_s']:.2f} |")
+    if floors:
+        f = floors[0]
+        lines += ["", f"Floor of any verification on this machine (`floor` variant): reading every weight of both models "
+                  f"once as fp32 {f['read_both_models_fp32_s']:.1f} s; two fp32 forward passes of the 4 x 64 probes "
+                  f"{f['forward_x2_4_probes_s']:.1f} s (of 2 x 64, one of two workers' share: "
+                  f"{f['forward_x2_2_probes_s']:.1f} s). One worker's floor: "
+                  f"{f['read_both_models_fp32_s'] + f['forward_x2_4_probes_s']:.1f} s; each of two workers': "
+                  f"{f['read_both_models_fp32_s'] + f['forward_x2_2_probes_s']:.1f} s."]
+    return lines
 
 
 def main() -> None:
@@ -753,7 +855,7 @@ def main() -> None:
 
 
 def parse_shard(size: str) -> int:
-    from lightning_lora.export.stream import parse_size
+    from lightning_lora.export.plan import parse_size
 
     return parse_size(size)
 

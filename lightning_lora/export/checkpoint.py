@@ -25,6 +25,7 @@ __all__ = [
     "Renamed",
     "TrainedCheckpoint",
     "config_to_dict",
+    "frozen_rows",
     "load_checkpoint",
     "lora_config_from_dict",
     "read_adapter_config",
@@ -97,6 +98,18 @@ class _Chained(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self.first or key in self.second
+
+    def rows(self, key: str, indices: list[int]) -> torch.Tensor:
+        return frozen_rows(self.first, key, indices) if key in self.first else frozen_rows(self.second, key, indices)
+
+
+def frozen_rows(mapping: Mapping[str, torch.Tensor], key: str, indices: list[int]) -> torch.Tensor:
+    """Rows ``indices`` of ``mapping[key]``, read without the rest when the mapping can (ZeRO-3)."""
+    rows = getattr(mapping, "rows", None)
+    return rows(key, indices) if rows is not None else mapping[key][indices]
+
 
 class Renamed(Mapping[str, torch.Tensor]):
     """A lazy mapping read under other key names (``names``: new name -> the mapping's own)."""
@@ -112,6 +125,12 @@ class Renamed(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self.names
+
+    def rows(self, key: str, indices: list[int]) -> torch.Tensor:
+        return frozen_rows(self.source, self.names[key], indices)
 
 
 def lora_config_from_dict(config: dict[str, Any]) -> Any:

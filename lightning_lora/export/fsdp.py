@@ -107,6 +107,9 @@ class FSDPFrozenTensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._flat)
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._flat
+
 
 def read_fsdp_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], FSDPFrozenTensors, dict[str, Any]]:
     """The trained module tensors of a sharded FSDP checkpoint, each whole; its frozen weights,

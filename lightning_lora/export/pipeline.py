@@ -24,6 +24,8 @@ import multiprocessing
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,8 @@ from lightning_lora.export.sources import Sources, base_files, read_sources, res
 from lightning_lora.export.stream import streamed_values, write_config, write_index, write_shards
 from lightning_lora.export.structure import build_peft_model, count_tensors
 from lightning_lora.export.tokens import reconcile_special_ids, write_tokenizer_files
-from lightning_lora.export.verify import verify_export
+from lightning_lora.export.verify import verify_export, verify_tensors
+from lightning_lora.export.weights import WeightFiles
 
 __all__ = ["export_checkpoint", "export_shared"]
 
@@ -202,16 +205,6 @@ def _plan(job: Job) -> MergePlan:
                       job.options.max_shard_size)
 
 
-def _my_keys(merged_dir: Path, shards: list[str]) -> list[str]:
-    from safetensors import safe_open
-
-    keys = []
-    for name in shards:
-        with safe_open(merged_dir / name, "pt") as f:
-            keys += list(f.keys())
-    return keys
-
-
 def _write_metadata(job: Job, tmp: Path, plan: MergePlan | None) -> dict[str, Any]:
     """Rank 0's files besides the weights: config, index, tokenizer, special ids, the adapter."""
     sources, options = job.sources, job.options
@@ -274,33 +267,73 @@ def _progress(job: Job, rank: int) -> Any:
     return lambda done, total: log.info("verify (rank %d): block %d/%d matches", rank, done, total)
 
 
+def _write_my_shards(job: Job, plan: MergePlan, rank: int, world: int, merged_dir: Path) -> list[str]:
+    """Merge and write the shards this worker owns; the merge's memory (a whole model for
+    ``peft``, the streaming workspace) is freed when this returns, before verification."""
+    sources = job.sources
+    mine = [number for number, owner in enumerate(assign_shards(plan.shards, world)) if owner == rank]
+    if job.impl == "peft":
+        values = _merged_in_memory(job)
+    else:
+        values = streamed_values(plan, sources.base, sources.frozen, job.dtype)
+    return write_shards(plan, mine, values, merged_dir)
+
+
+def _reference(job: Job) -> tuple[Any, ...]:
+    sources = job.sources
+    return sources.peft_model, sources.trained, sources.frozen, sources.base
+
+
+def _tied(peft_model: Any, plan: MergePlan) -> bool:
+    config = peft_model.base_model.model.config.get_text_config()
+    return bool(getattr(config, "tie_word_embeddings", False)) and not plan.untie
+
+
+def _joined(tensors: dict[str, Any], function: dict[str, Any]) -> dict[str, Any]:
+    """One worker's report from its tensor check and its function check."""
+    problems = tensors["problems"] + function["problems"]
+    return {**function, "tensors": tensors["tensors"], "problems": problems, "passed": not problems,
+            "rewritten_base_tensors": sorted(set(tensors["rewritten_base_tensors"]) | set(function["rewritten_base_tensors"])),
+            "seconds": round(tensors["tensors"]["seconds"] + function["seconds"], 3)}
+
+
 def run_share(job: Job, tmp: Path, rendezvous: Rendezvous) -> dict[str, Any]:
     """One worker's part of an export; returns its report (rank 0 also writes the metadata)."""
     rank, world = rendezvous.rank, rendezvous.world
     sources, options = job.sources, job.options
     merged_dir = tmp / "merged"
-    report: dict[str, Any] = {"rank": rank, "shards": []}
+    report: dict[str, Any] = {"rank": rank, "shards": [], "seconds": {}}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        report["seconds"][name] = round(now - clock, 3)
+        clock = now
+
     if options.merge:
         # One layout for both merges and any number of workers: the plan decides every shard.
         plan = _plan(job)
-        mine = [number for number, owner in enumerate(assign_shards(plan.shards, world)) if owner == rank]
-        if job.impl == "peft":
-            values = _merged_in_memory(job)
-        else:
-            values = streamed_values(plan, sources.base, sources.frozen, job.dtype)
-        report["shards"] = write_shards(plan, mine, values, merged_dir)
+        report["shards"] = _write_my_shards(job, plan, rank, world, merged_dir)
         report["merged_modules"] = plan.merged_modules
+        lap("merge")
+        if options.verify:  # this worker's own shards, while the others may still be writing theirs
+            files = WeightFiles(merged_dir, "merged", sources.peft_model.base_model.model.base_model_prefix,
+                                files=[merged_dir / name for name in report["shards"]])
+            tensors = verify_tensors(files, files.keys(), *_reference(job), job.dtype, _tied(sources.peft_model, plan),
+                                     options.device)
+            lap("tensor check")
         if rank == 0:
             report["metadata"] = _write_metadata(job, tmp, plan)
         rendezvous.report("written", report["shards"])
         rendezvous.wait("written")
-        if options.verify:
-            keys = _my_keys(merged_dir, report["shards"])
+        lap("metadata and waiting for the other workers")
+        if options.verify:  # every block, on this worker's share of the probes
             probes = _probes(job, merged_dir)[rank::world]
-            result = verify_export(merged_dir, sources.peft_model, sources.trained, sources.frozen, sources.base,
-                                   job.dtype, probes=probes, keys=keys, complete=rank == 0, function=len(probes) > 0,
-                                   device=options.device, progress=_progress(job, rank))
-            report["verification"] = result
+            function = verify_export(merged_dir, *_reference(job), job.dtype, probes=probes, keys=[], complete=rank == 0,
+                                     function=len(probes) > 0, device=options.device, progress=_progress(job, rank))
+            report["verification"] = _joined(tensors, function)
+            lap("function check")
     elif rank == 0:
         report["metadata"] = _write_metadata(job, tmp, None)
     rendezvous.report("verified", report)
@@ -402,7 +435,8 @@ def finish(job: Job, tmp: Path, reports: dict[int, dict[str, Any]], started: flo
                     f"left out: {metadata['adapter_left_out']}" if metadata.get("adapter_left_out") else
                     "converted to the original base (PEFT's conversion)" if sources.rewritten else "written"),
         "tensors": counts,
-        "workers": {"count": len(reports), "shards": {name: rank for rank, r in sorted(reports.items()) for name in r["shards"]}},
+        "workers": {"count": len(reports), "shards": {name: rank for rank, r in sorted(reports.items()) for name in r["shards"]},
+                    "seconds": {rank: r["seconds"] for rank, r in sorted(reports.items())}},
         "files": file_manifest(tmp),
         "versions": package_versions(),
         "verification": verification,
@@ -437,19 +471,44 @@ def export_checkpoint(checkpoint: str | Path | TrainedCheckpoint, output: str | 
     """
     started = time.perf_counter()
     options = ExportOptions(**settings)
-    job = prepare(checkpoint, Path(output), options)
-    if job.previous is not None:
-        log.info("%s holds an export of these same inputs already: nothing to do", output)
-        return {**job.previous, "unchanged": True}
-    meeting = _meeting_place(job.output)
-    processes = _start_workers(job, checkpoint, meeting)
+    meeting = _meeting_place(Path(output))
+    # The other workers start now: their start-up and their reading of the checkpoint overlap
+    # this process's checks; if there is nothing to do, they are stopped.
+    processes = _start_workers(options, checkpoint, meeting)
+    finished = False
     try:
-        return _lead(job, meeting, started, alive=lambda r: processes[r].is_alive() or processes[r].exitcode == 0)
+        job = prepare(checkpoint, Path(output), options)
+        if job.previous is not None:
+            log.info("%s holds an export of these same inputs already: nothing to do", output)
+            return {**job.previous, "unchanged": True}
+        with _threads(_threads_per_worker(options.workers)):
+            manifest = _lead(job, meeting, started, alive=lambda r: processes[r].is_alive() or processes[r].exitcode == 0)
+        finished = True
+        return manifest
     finally:
         for process in processes.values():
-            process.join(timeout=30)
+            process.join(timeout=30 if finished else 0)
             if process.is_alive():
                 process.kill()
+
+
+def _threads_per_worker(workers: int) -> int:
+    """Local workers share the machine's cores (``OMP_NUM_THREADS`` decides when it is set)."""
+    import os
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _meeting_place(output: Path) -> Path:
@@ -469,7 +528,7 @@ def _lead(job: Job, meeting: Path, started: float, alive: Any = None) -> dict[st
     with Rendezvous(meeting, 0, world, alive=alive) as rendezvous:
         try:
             with publish_atomically(job.output, overwrite=job.options.overwrite) as tmp:
-                rendezvous.report("begin", str(tmp))
+                rendezvous.report("begin", {"tmp": str(tmp), "impl": job.impl})
                 run_share(job, tmp, rendezvous)
                 manifest = finish(job, tmp, rendezvous.wait("verified"), started)
         except BaseException as err:
@@ -487,15 +546,22 @@ def _lead(job: Job, meeting: Path, started: float, alive: Any = None) -> dict[st
     return manifest
 
 
-def _follow(checkpoint: str | Path, options: ExportOptions, meeting: Path, rank: int, world: int, impl: str,
-            fingerprint: str) -> None:
-    """Ranks 1..N-1: do this rank's share in rank 0's temporary directory, then wait for the publish."""
+def _follow(checkpoint: str | Path, options: ExportOptions, meeting: Path, rank: int, world: int) -> None:
+    """Ranks 1..N-1: read the inputs (while rank 0 checks them), do this rank's share in rank 0's
+    temporary directory, then wait for the publish."""
+    sources, problem = None, None
+    try:
+        sources = read_sources(checkpoint, options)
+    except BaseException as err:  # reported once the rendezvous exists
+        problem = err
     with Rendezvous(meeting, rank, world) as rendezvous:
         try:
-            tmp = Path(rendezvous.wait("begin", ranks=[0])[0])
-            sources = read_sources(checkpoint, options)
+            if problem is not None:
+                raise problem
+            begin = rendezvous.wait("begin", ranks=[0])[0]
             dtype = resolve_dtype(options.dtype, sources.peft_model.base_model.model.config)
-            run_share(Job(sources, options, tmp, dtype, impl, "", fingerprint), tmp, rendezvous)
+            tmp = Path(begin["tmp"])
+            run_share(Job(sources, options, tmp, dtype, begin["impl"], "", ""), tmp, rendezvous)
             rendezvous.wait("published", ranks=[0])
             rendezvous.report("done")
         except BaseException as err:
@@ -503,16 +569,16 @@ def _follow(checkpoint: str | Path, options: ExportOptions, meeting: Path, rank:
             raise
 
 
-def _start_workers(job: Job, checkpoint: Any, meeting: Path) -> dict[int, Any]:
+def _start_workers(options: ExportOptions, checkpoint: Any, meeting: Path) -> dict[int, Any]:
     """Local processes for ranks 1..N-1 of ``export_checkpoint(..., workers=N)``."""
-    world = job.options.workers
+    world = options.workers
     if world == 1:
         return {}
     if isinstance(checkpoint, TrainedCheckpoint):
         raise ExportError(f"--workers={world} needs a checkpoint path (each worker reads it); this one is in memory")
     context = multiprocessing.get_context("spawn")
     spec = {"checkpoint": str(checkpoint), "meeting": str(meeting), "world": world,
-            "options": {**asdict(job.options), "progress": False}, "impl": job.impl, "fingerprint": job.fingerprint}
+            "options": {**asdict(options), "progress": False}}
     processes = {rank: context.Process(target=_worker_main, args=({**spec, "rank": rank},), daemon=True) for rank in range(1, world)}
     for process in processes.values():
         process.start()
@@ -521,12 +587,9 @@ def _start_workers(job: Job, checkpoint: Any, meeting: Path) -> dict[int, Any]:
 
 def _worker_main(spec: dict[str, Any]) -> None:
     """A local worker process (rank >= 1) of ``export_checkpoint(..., workers=N)``."""
-    import os
-
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    torch.set_num_threads(_threads_per_worker(spec["world"]))
     try:
-        _follow(spec["checkpoint"], ExportOptions(**spec["options"]), Path(spec["meeting"]), spec["rank"], spec["world"],
-                spec["impl"], spec["fingerprint"])
+        _follow(spec["checkpoint"], ExportOptions(**spec["options"]), Path(spec["meeting"]), spec["rank"], spec["world"])
     except BaseException:
         raise SystemExit(1) from None
 
@@ -558,5 +621,5 @@ def export_shared(checkpoint: str | Path, output: str | Path, rank: int, world: 
         return {**job.previous, "unchanged": True} if job is not None else None
     if rank == 0:
         return _lead(job, Path(decision["meeting"]), started)
-    _follow(checkpoint, options, Path(decision["meeting"]), rank, world, decision["impl"], decision["fingerprint"])
+    _follow(checkpoint, options, Path(decision["meeting"]), rank, world)
     return None

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lightning_lora.errors import ExportError
+from lightning_lora.export.checkpoint import frozen_rows
 from lightning_lora.export.plan import hf_name
 from lightning_lora.export.tokens import mean_rows
 from lightning_lora.export.weights import WeightFiles
@@ -65,10 +66,9 @@ class TrainedModel:
         base_key = next((hf_name(k) for k in self.aliases.get(key, [key]) if hf_name(k) in self.base), hf_name(key))
         from_base = self._base(base_key, shape) if base_key in self.base else None
         if key in self.frozen:
-            stored = self.frozen[key]
-            if from_base is None or not _same_rows(stored, from_base):
+            if from_base is None or not self._same_as_base(key, from_base):
                 self.rewritten.add(key)
-                return stored
+                return self.frozen[key]
         if from_base is None:
             raise ExportError(f"the trained model's tensor {base_key!r} is neither in --base-model={str(self.base.directory)!r} nor in the checkpoint")
         return from_base
@@ -80,19 +80,28 @@ class TrainedModel:
         return value
 
 
-def _same_rows(stored: torch.Tensor, base: torch.Tensor) -> bool:
-    """Whether the checkpoint's frozen weight is the base's, up to the precision either is stored
-    in (a bf16 run of an fp32 base, an fp32 run exported onto a bf16 copy), judged on a few rows."""
-    if stored.shape != base.shape:
-        return False
-    if stored.dim() > 0 and stored.shape[0] > _SAMPLE_ROWS:
-        rows = torch.linspace(0, stored.shape[0] - 1, _SAMPLE_ROWS).long()
-        stored, base = stored[rows], base[rows]
-    return torch.equal(stored, base.to(stored.dtype)) or torch.equal(stored.to(base.dtype), base)
+    def _same_as_base(self, key: str, base: torch.Tensor) -> bool:
+        """Whether the checkpoint's frozen weight is the base's, up to the precision either is
+        stored in (a bf16 run of an fp32 base, an fp32 run exported onto a bf16 copy), judged on a
+        few rows read from the checkpoint (an initialisation that rewrites a weight changes every row)."""
+        if base.dim() == 0 or base.shape[0] <= _SAMPLE_ROWS:
+            stored = self.frozen[key]
+            if stored.shape != base.shape:
+                return False
+        else:
+            rows = torch.linspace(0, base.shape[0] - 1, _SAMPLE_ROWS).long().tolist()
+            stored, base = frozen_rows(self.frozen, key, rows), base[rows]
+            if stored.shape != base.shape:
+                return False
+        return torch.equal(stored, base.to(stored.dtype)) or torch.equal(stored.to(base.dtype), base)
 
 
 class Materializer:
     """Loads the meta-device parameters of one module at a time, and puts them back.
+
+    Released tensors are kept for the next load of the same shape (the next decoder block has
+    the same ones) and filled in place: a fresh multi-megabyte tensor costs more in page faults
+    than copying and upcasting the weight into it. ``release()`` of everything empties that pool.
 
     Args:
         model: a model whose parameters are on the meta device.
@@ -121,6 +130,7 @@ class Materializer:
                     self.names[key].append(name)
         self.loaded: dict[int, torch.nn.Parameter] = {}  # meta id -> the loaded parameter
         self.current = {key: key for key in self.meta}  # id of the registered parameter -> meta id
+        self.pool: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
 
     def _ids(self, module: torch.nn.Module) -> list[int]:
         ids = []
@@ -147,16 +157,24 @@ class Materializer:
             if tuple(tensor.shape) != expected:
                 raise ExportError(f"{self.names[key][0]!r} has shape {tuple(tensor.shape)}, the model expects {expected}")
             target = torch.float32 if tensor.is_floating_point() else tensor.dtype
-            param = torch.nn.Parameter(tensor.to(self.device, target), requires_grad=False)
+            free = self.pool.get((expected, target))
+            data = free.pop() if free else torch.empty(expected, dtype=target, device=self.device)
+            param = torch.nn.Parameter(data.copy_(tensor), requires_grad=False)
             for owner, leaf in self.owners[key]:
                 owner._parameters[leaf] = param
             self.loaded[key] = param
             self.current[id(param)] = key
 
     def release(self, module: torch.nn.Module | None = None) -> None:
-        """Put the parameters inside ``module`` (all, without one) back on the meta device."""
+        """Put the parameters inside ``module`` back on the meta device (their storage is kept for
+        the next load); without a module, all of them, and the kept storage is freed."""
         keys = list(self.loaded) if module is None else [key for key in self._ids(module) if key in self.loaded]
         for key in keys:
             for owner, leaf in self.owners[key]:
                 owner._parameters[leaf] = self.meta[key]
-            del self.current[id(self.loaded.pop(key))]
+            param = self.loaded.pop(key)
+            del self.current[id(param)]
+            if module is not None:
+                self.pool.setdefault((tuple(param.shape), param.dtype), []).append(param.data)
+        if module is None:
+            self.pool.clear()

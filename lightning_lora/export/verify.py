@@ -30,7 +30,8 @@ from lightning_lora.export.reference import TrainedModel
 from lightning_lora.export.tensor_check import check_tensors, expected_keys
 from lightning_lora.export.weights import WeightFiles, read_config
 
-__all__ = ["check_config", "compute_device", "describe_tolerances", "summarize_verification", "verify_directory", "verify_export"]
+__all__ = ["check_config", "compute_device", "describe_tolerances", "summarize_verification", "verify_directory", "verify_export",
+           "verify_tensors"]
 
 # config.json fields an export may change: the dtype it wrote, the vocabulary it grew, a head it
 # untied, the special ids it made agree with the shipped tokenizer, and bookkeeping.
@@ -81,6 +82,19 @@ def _merged_model(merged_dir: Path) -> tuple[Any, Any]:
     return model, config
 
 
+def verify_tensors(merged: WeightFiles, keys: list[str], peft_model: Any, trained: dict[str, torch.Tensor],
+                   frozen: Mapping[str, torch.Tensor], base: WeightFiles, dtype: torch.dtype, tied: bool,
+                   device: str | torch.device | None = None) -> dict[str, Any]:
+    """The tensor check of ``keys`` of the merged files (one worker's own shards, as soon as it
+    wrote them): see :mod:`~lightning_lora.export.tensor_check`. ``tied``: the export ties the
+    head to the input embeddings."""
+    started = time.perf_counter()
+    reference = TrainedModel(peft_model, trained, frozen, base)
+    result = check_tensors(merged, keys, reference, dtype, compute_device(device), tied)
+    return {"tensors": {**result.as_dict(), "seconds": round(time.perf_counter() - started, 3)},
+            "problems": list(result.problems), "rewritten_base_tensors": sorted(reference.rewritten)}
+
+
 def verify_export(
     merged_dir: Path,
     peft_model: Any,
@@ -105,10 +119,11 @@ def verify_export(
         base: the base model's weight files.
         dtype: the export dtype.
         probes: ``(n, tokens)`` ids for the function check (the fixed minimum set when ``None``).
-        keys: the merged tensors to tensor-check (all when ``None``): one worker's shards.
-        complete: also check that the merged files hold every tensor of the trained model (once,
-            by one worker).
-        function: run the function check (one worker of several may leave it to others).
+        keys: the merged tensors to tensor-check (all when ``None``; none when the workers
+            checked their own shards already).
+        complete: also check that the merged files hold every tensor of the trained model and
+            nothing else (once, by one worker).
+        function: run the function check (a worker without probes of its own skips it).
         device: where to compute (the process's GPU when it has one).
         progress: called with (blocks done, blocks) during the function check.
 
@@ -125,14 +140,15 @@ def verify_export(
     report: dict[str, Any] = {"device": str(device), "tolerances": describe_tolerances(dtype)}
     problems = check_config(hf_model.config, merged_config, hf_model.get_input_embeddings().weight.shape[0])
     report["config"] = {"problems": list(problems)}
-
     if complete:
-        missing = sorted(expected_keys(peft_model, tied) - set(merged_files.keys()))
-        problems += [f"the merged files lack {key!r}" for key in missing]
+        want, have = expected_keys(peft_model, tied), set(merged_files.keys())
+        problems += [f"the merged files lack {key!r}" for key in sorted(want - have)]
+        problems += [f"the merged files hold {key!r}, which the merged config has no use for" for key in sorted(have - want)]
     keys = sorted(merged_files.keys()) if keys is None else keys
-    tensors = check_tensors(merged_files, keys, reference, dtype, device, tied)
-    problems += tensors.problems
-    report["tensors"] = tensors.as_dict()
+    tensors = verify_tensors(merged_files, keys, peft_model, trained, frozen, base, dtype, tied, device)
+    problems += tensors["problems"]
+    report["tensors"] = tensors["tensors"]
+    function_started = time.perf_counter()
 
     if function:
         if probes is None:
@@ -143,13 +159,13 @@ def verify_export(
         try:
             result = check_function(sides[0], sides[1], probes, dtype, progress)
             problems += result.problems
-            report["function"] = result.as_dict()
+            report["function"] = {**result.as_dict(), "seconds": round(time.perf_counter() - function_started, 3)}
         except ExportError as err:  # a tensor the merged model needs is not in its files
             problems.append(f"function check: {err}")
         finally:
             for side in sides:
                 side.close()
-    report["rewritten_base_tensors"] = sorted(reference.rewritten)
+    report["rewritten_base_tensors"] = sorted(reference.rewritten | set(tensors["rewritten_base_tensors"]))
     report["problems"] = problems
     report["passed"] = not problems
     report["seconds"] = round(time.perf_counter() - started, 3)

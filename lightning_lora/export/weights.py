@@ -52,14 +52,16 @@ class WeightFiles:
         argument: the option that named it (``--base-model``), for errors.
         model_prefix: the architecture's ``base_model_prefix`` (``"model"``, ``"transformer"``):
             keys are found with or without it, as ``from_pretrained`` does.
+        files: these safetensors files only (a worker's own shards) instead of the directory's.
     """
 
-    def __init__(self, directory: str | Path, argument: str = "--base-model", model_prefix: str = "") -> None:
+    def __init__(self, directory: str | Path, argument: str = "--base-model", model_prefix: str = "",
+                 files: list[Path] | None = None) -> None:
         self.directory = Path(directory)
         self.argument = argument
         self.prefix = f"{model_prefix}." if model_prefix else ""
         self.tensors: dict[str, TensorInfo] = {}
-        for file in self._files():
+        for file in files if files is not None else self._files():
             for key, info in _read_header(file, argument).items():
                 self.tensors[key] = info
 

@@ -212,8 +212,30 @@ class ZeroFrozenTensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._shapes)
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._shapes
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
+
+    def rows(self, key: str, indices: list[int]) -> torch.Tensor:
+        """Some rows of a frozen weight, reading only those (ZeRO-3: from the fragments that hold them)."""
+        if self.stage != 3:
+            return self[key][indices]
+        shape = self._shapes[key]
+        width = math.prod(shape[1:])
+        fragments = [state["frozen_param_fragments"][key].reshape(-1) for state in self._all_ranks()]
+        starts = [0]
+        for fragment in fragments:
+            starts.append(starts[-1] + fragment.numel())
+        picked = []
+        for row in indices:
+            begin, end, parts = row * width, (row + 1) * width, []
+            for fragment, start, stop in zip(fragments, starts, starts[1:]):
+                if start < end and begin < stop:
+                    parts.append(fragment[max(begin, start) - start: min(end, stop) - start])
+            picked.append(torch.cat(parts).view(shape[1:]))
+        return torch.stack(picked)
 
     def _all_ranks(self) -> list[dict[str, Any]]:
         if self._rank_states is None:
