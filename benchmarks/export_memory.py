@@ -12,6 +12,7 @@ fresh process, the peak RSS and the wall time of:
 - ``manual``: the recipe users follow today (``zero_to_fp32`` -> PEFT ``merge_and_unload`` ->
   ``save_pretrained``), which verifies nothing;
 - ``ours_peft``, ``ours_streaming``: ``lightning-lora export --merge-impl peft|streaming --no-verify``;
+  ``ours_streaming_w2`` the latter on 2 local workers;
 - ``ours_verify_w1``, ``ours_verify_w2``: the streaming export with its verification, on 1 and on
   2 local workers (``--workers``);
 - ``ours_default``: ``lightning-lora export`` with its defaults (``--merge-impl auto``, verified);
@@ -51,10 +52,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 TRAIN_SCRIPT = REPO / "benchmarks" / "_train_zero3.py"
-VARIANTS = ("copy", "manual", "ours_peft", "ours_streaming", "ours_verify_w1", "ours_verify_w2", "ours_default", "verify",
-            "floor")
+VARIANTS = ("copy", "manual", "ours_peft", "ours_streaming", "ours_streaming_w2", "ours_verify_w1", "ours_verify_w2",
+            "ours_default", "verify", "floor")
 # name -> (--merge-impl, verified, --workers) of the export variants.
-EXPORTS = {"ours_peft": ("peft", False, 1), "ours_streaming": ("streaming", False, 1),
+EXPORTS = {"ours_peft": ("peft", False, 1), "ours_streaming": ("streaming", False, 1), "ours_streaming_w2": ("streaming", False, 2),
            "ours_verify_w1": ("streaming", True, 1), "ours_verify_w2": ("streaming", True, 2), "ours_default": ("auto", True, 1)}
 GiB = 2**30
 
@@ -577,11 +578,11 @@ def ratios_and_targets(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict
     w2 = med.get("ours_verify_w2")
     if w2 and man:
         target("verified export, 2 workers: wall <= manual (which verifies nothing)", w2["wall_s"], man["wall_s"], "s")
-    for variant in ("ours_verify_w1", "ours_verify_w2"):
-        share = [r["verification_s"] / r["export_s"] for r in runs
-                 if r["variant"] == variant and r["returncode"] == 0 and r.get("verification_s")]
-        if share:
-            target(f"{variant}: verification <= 0.5 x export wall", statistics.median(share), 0.5, "ratio")
+    for variant, unverified in (("ours_verify_w1", "ours_streaming"), ("ours_verify_w2", "ours_streaming_w2")):
+        if med.get(variant) and med.get(unverified):
+            # What verification adds to the wall time: the same export with and without it.
+            share = 1 - med[unverified]["wall_s"] / med[variant]["wall_s"]
+            target(f"{variant}: verification (its wall time over {unverified}'s) <= 0.5 x export wall", share, 0.5, "ratio")
     for variant in ("ours_verify_w1", "ours_verify_w2", "ours_default", "verify"):
         if med.get(variant):
             target(f"{variant}: peak RSS per worker <= 1.2 GiB", med[variant]["peak_rss_bytes"], 1.2 * GiB, "bytes")
@@ -737,8 +738,9 @@ def verification_lines(report: dict[str, Any]) -> list[str]:
     floors = [r["floor"] for r in report["runs"] if r["variant"] == "floor" and "floor" in r]
     if not rows and not floors:
         return []
-    lines = ["## Verification", "", "| variant | merge | export (s, its own clock) | of which verification (s) | share |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["## Verification", "", "Each export's own clock (`export.json`): its whole run, and its slowest worker's tensor and "
+             "function checks (the tensor check of a worker's shards overlaps the others' merging).", "",
+             "| variant | merge | export (s) | verification, slowest worker (s) | share |", "|---|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['merge_impl']} | {r['export_s']:.1f} | {r['verification_s']:.1f} | "
                      f"{r['verification_s'] / r['export_s']:.2f} |")

@@ -241,6 +241,8 @@ def check_function(reference: Side, merged: Side, probes: torch.Tensor, dtype: t
         hidden = _first(out)
         if progress is not None:
             progress(index + 1, count)
+    reference.loader.release()  # the blocks' kept buffers, before the heads are loaded
+    merged.loader.release()
     ref_logits = _logits(reference, hidden, structure)
     merged_logits = _logits(merged, hidden, structure)
     _compare_logits(report, merged_logits, ref_logits, dtype, size)

@@ -53,14 +53,15 @@ def merged_value(start: torch.Tensor | None, update: Update | None, dtype: torch
     (floating tensors only). With a ``workspace`` the result may live in one of its buffers: use
     it before the next call."""
     workspace = workspace or _Workspace()
+    grows = update is not None and update.rows is not None and start is not None and update.rows > start.shape[0]
     if update is None or (update.replacement is None and update.lora is None and update.bias is None
-                          and update.rows is None and update.tokens is None and update.magnitude is None):
+                          and not grows and update.tokens is None and update.magnitude is None):
         if not start.is_floating_point() or start.dtype == dtype:
             return start
         return workspace.take("out", start.shape, dtype).copy_(start)
     if update.replacement is not None:
         return update.replacement.to(dtype)
-    if update.rows is not None and update.rows > start.shape[0]:
+    if grows:
         start = mean_rows(start, update.rows)
     weight = workspace.take("weight", start.shape, torch.float32).copy_(start)
     if update.lora is not None:
