@@ -215,15 +215,20 @@ def save_tokenizer(source: str | Path, directory: Path) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(directory)
 
 
-def file_manifest(root: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under ``root``, by path relative to it."""
+def file_manifest(root: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under ``root``, by path relative to it; ``known`` ones (hashed
+    as they were written) are taken as they are when their size agrees."""
     manifest = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = path.relative_to(root).as_posix()
+        if known and name in known and known[name]["size"] == path.stat().st_size:
+            manifest[name] = known[name]
+            continue
         digest = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        manifest[path.relative_to(root).as_posix()] = {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+        manifest[name] = {"sha256": digest.hexdigest(), "size": path.stat().st_size}
     return manifest
 
 

@@ -267,7 +267,7 @@ def _progress(job: Job, rank: int) -> Any:
     return lambda done, total: log.info("verify (rank %d): block %d/%d matches", rank, done, total)
 
 
-def _write_my_shards(job: Job, plan: MergePlan, rank: int, world: int, merged_dir: Path) -> list[str]:
+def _write_my_shards(job: Job, plan: MergePlan, rank: int, world: int, merged_dir: Path) -> dict[str, dict[str, Any]]:
     """Merge and write the shards this worker owns; the merge's memory (a whole model for
     ``peft``, the streaming workspace) is freed when this returns, before verification."""
     sources = job.sources
@@ -314,7 +314,8 @@ def run_share(job: Job, tmp: Path, rendezvous: Rendezvous) -> dict[str, Any]:
     if options.merge:
         # One layout for both merges and any number of workers: the plan decides every shard.
         plan = _plan(job)
-        report["shards"] = _write_my_shards(job, plan, rank, world, merged_dir)
+        report["hashes"] = _write_my_shards(job, plan, rank, world, merged_dir)
+        report["shards"] = sorted(report["hashes"])
         report["merged_modules"] = plan.merged_modules
         lap("merge")
         if options.verify:  # this worker's own shards, while the others may still be writing theirs
@@ -437,7 +438,7 @@ def finish(job: Job, tmp: Path, reports: dict[int, dict[str, Any]], started: flo
         "tensors": counts,
         "workers": {"count": len(reports), "shards": {name: rank for rank, r in sorted(reports.items()) for name in r["shards"]},
                     "seconds": {rank: r["seconds"] for rank, r in sorted(reports.items())}},
-        "files": file_manifest(tmp),
+        "files": file_manifest(tmp, {f"merged/{name}": digest for r in reports.values() for name, digest in r.get("hashes", {}).items()}),
         "versions": package_versions(),
         "verification": verification,
         "seconds": round(time.perf_counter() - started, 3),

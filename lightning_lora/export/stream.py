@@ -82,10 +82,14 @@ def merged_value(start: torch.Tensor | None, update: Update | None, dtype: torch
     return workspace.take("out", weight.shape, dtype).copy_(weight)
 
 
-def _write_shard(path: Path, entries: list[Entry], values: Iterator[torch.Tensor]) -> None:
+def _write_shard(path: Path, entries: list[Entry], values: Iterator[torch.Tensor]) -> dict[str, Any]:
     """Write a safetensors file tensor by tensor: the header (every offset is known in advance),
     then each value as it is computed. Nothing but the tensor being written is held in memory,
-    where ``safetensors.torch.save_file`` would hold the whole shard, and a byte copy of it."""
+    where ``safetensors.torch.save_file`` would hold the whole shard, and a byte copy of it.
+    Returns the file's sha256 and size, hashed as it is written (no second read for export.json)."""
+    import hashlib
+
+    digest = hashlib.sha256()
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for entry in entries:
@@ -93,13 +97,20 @@ def _write_shard(path: Path, entries: list[Entry], values: Iterator[torch.Tensor
         offset += entry.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    size = 0
     with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
+        for chunk in (struct.pack("<Q", len(encoded)), encoded):
+            f.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
         for entry, value in zip(entries, values, strict=True):
             if value.dtype != entry.dtype or list(value.shape) != entry.shape:
                 raise ExportError(f"{entry.key!r} came out as {value.dtype} {list(value.shape)}, planned {entry.dtype} {entry.shape}")
-            f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            data = value.contiguous().reshape(-1).view(torch.uint8).numpy().data
+            f.write(data)
+            digest.update(data)
+            size += data.nbytes
+    return {"sha256": digest.hexdigest(), "size": size}
 
 
 def streamed_values(plan: MergePlan, base: WeightFiles, frozen: Mapping[str, torch.Tensor], dtype: torch.dtype) -> Callable[[Entry], torch.Tensor]:
@@ -121,16 +132,16 @@ def streamed_values(plan: MergePlan, base: WeightFiles, frozen: Mapping[str, tor
     return value
 
 
-def write_shards(plan: MergePlan, shard_numbers: list[int], value: Callable[[Entry], torch.Tensor], output_dir: Path) -> list[str]:
+def write_shards(plan: MergePlan, shard_numbers: list[int], value: Callable[[Entry], torch.Tensor],
+                 output_dir: Path) -> dict[str, dict[str, Any]]:
     """Write the shards ``shard_numbers`` (indices into ``plan.shards``) into ``output_dir``, each
-    tensor as ``value(entry)`` gives it, one at a time. Returns the file names written."""
+    tensor as ``value(entry)`` gives it, one at a time. Returns each file's name -> sha256 and size."""
     output_dir.mkdir(parents=True, exist_ok=True)
     names = plan.shard_names()
-    written = []
+    written = {}
     for number in shard_numbers:
         shard = plan.shards[number]
-        _write_shard(output_dir / names[number], shard, (value(entry) for entry in shard))
-        written.append(names[number])
+        written[names[number]] = _write_shard(output_dir / names[number], shard, (value(entry) for entry in shard))
     return written
 
 
