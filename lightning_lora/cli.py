@@ -62,9 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter-name", help="the PEFT adapter to export when the model held several")
     parser.add_argument("--r", type=int, help="override the LoRA rank")
     parser.add_argument("--lora-alpha", type=float, help="override the LoRA alpha")
-    parser.add_argument("--merge-impl", default="auto", help="peft: merge_and_unload on the whole model; streaming: one "
-                        "tensor at a time, for models larger than memory; auto (default): streaming unless the whole-model "
-                        "merge and its verification fit in half of the memory this process may use")
+    parser.add_argument("--merge-impl", default="auto", help="peft: PEFT's merge of the whole model in memory; streaming: "
+                        "one tensor at a time, for models larger than memory; auto (default): streaming, which writes "
+                        "the same files faster and in less memory")
     parser.add_argument("--workers", type=int, default=1, help="local processes that share the merge and the verification")
     parser.add_argument("--tokenizer", help="tokenizer to ship with the merged model (default: the one the run "
                         "trained with, when the checkpoint records it, else the base model's)")

@@ -12,6 +12,8 @@ import pytest
 from lightning_lora.callbacks import HFExport
 from lightning_lora.cli import export_main
 
+from test_export_errors import _snapshot, single  # noqa: F401  (single is a fixture)
+
 PREFIX = "lightning-lora export: error: "
 
 
@@ -20,16 +22,6 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, st
     code = export_main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture()
-def single(trained_runs) -> tuple[Path, Path]:
-    run, base = trained_runs("single-fp32")
-    return run / "ckpt", base
 
 
 def _args(checkpoint: Path, output: Path, base: Path, *extra: str) -> list[str]:

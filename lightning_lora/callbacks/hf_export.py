@@ -49,8 +49,8 @@ class HFExport(L.Callback):
         save_adapter: write the PEFT adapter.
         dtype: dtype of the merged weights: ``auto`` (the base's), ``fp32``, ``bf16``, ``fp16``.
         max_shard_size: largest safetensors shard of the merged model.
-        merge_impl: ``peft`` (``merge_and_unload`` in memory), ``streaming`` (one tensor at a time),
-            or ``auto`` (streaming unless the model fits comfortably in memory).
+        merge_impl: ``peft`` (PEFT's merge of the whole model in memory), ``streaming`` (one
+            tensor at a time), or ``auto`` (streaming: the same files, faster and lighter).
         verify: check the merged model against the trained one; a failure publishes nothing.
         base_model: the base model directory; by default the one the PEFT config names.
         overwrite: replace an existing export in ``dirpath`` (never anything else).

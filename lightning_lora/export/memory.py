@@ -1,8 +1,9 @@
-"""How much memory this process may still use, and which merge implementation fits in it.
+"""How much memory this process may still use, and the merge implementation ``auto`` takes.
 
 ``/proc/meminfo`` tells what the machine has free, not what a container, a SLURM job or a
-``ulimit`` allows: under a 1.5 GiB cgroup on a 24 GiB machine the whole-model merge was chosen
-and OOM-killed. The effective limit is the smallest of: the machine's available memory; every
+``ulimit`` allows: under a 1.5 GiB cgroup on a 24 GiB machine the whole-model merge was once
+chosen and OOM-killed. ``auto`` now always streams (see :func:`choose_merge_impl`), and the limit
+read here says how much the export may use. The effective limit is the smallest of: the machine's available memory; every
 cgroup (v1 and v2) on the path from this process's group to the root, less what the group
 already uses that the kernel cannot reclaim; ``RLIMIT_AS`` and ``RLIMIT_DATA`` less what the
 process already has mapped.
@@ -10,6 +11,7 @@ process already has mapped.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -18,6 +20,8 @@ from pathlib import Path
 
 from lightning_lora.errors import ExportError
 from lightning_lora.export.weights import WeightFiles
+
+log = logging.getLogger("lightning_lora")
 
 __all__ = ["MERGE_IMPLS", "available_memory", "choose_merge_impl", "export_memory_needs"]
 
@@ -146,22 +150,21 @@ def export_memory_needs(base: WeightFiles, trained_bytes: int) -> dict[str, int]
 def choose_merge_impl(requested: str, base: WeightFiles, trained_bytes: int, workers: int, verify: bool) -> tuple[str, str]:
     """The merge implementation to use, and why.
 
-    ``auto`` takes the whole-model merge only on one worker, and only when it and the
-    verification after it need at most half of the memory this process may use; otherwise it
-    streams. Several workers always stream: the whole-model merge cannot be split.
+    ``auto`` streams: it writes the same files as the whole-model merge, at least as fast (twice
+    as fast on the 1.1B benchmark) in a fraction of the memory, and several workers can share it.
+    The memory this process may use is still read (machine, cgroups, rlimits) and recorded; when
+    even the streaming export and its verification would not fit in it, a warning says so.
     """
     if requested not in MERGE_IMPLS:
         raise ExportError(f"--merge-impl={requested!r} is not one of {list(MERGE_IMPLS)}")
     if requested == "peft" and workers > 1:
         raise ExportError(f"--merge-impl=peft cannot be shared by --workers={workers}; use streaming (or auto)")
-    if requested != "auto":
-        return requested, "requested"
-    if workers > 1:
-        return "streaming", f"{workers} workers share the merge"
     needs = export_memory_needs(base, trained_bytes)
     available, bound = available_memory()
-    extra = needs["verify"] if verify else 0
-    peft_peak = needs["peft"] + extra
-    verdict = "streaming" if peft_peak > available // 2 else "peft"
-    return verdict, (f"a whole-model merge{' and its verification' if verify else ''} need about "
-                     f"{peft_peak / 2**30:.2f} GiB; {available / 2**30:.2f} GiB may be used ({bound})")
+    impl = "streaming" if requested == "auto" else requested
+    peak = max(needs[impl], needs["verify"] if verify else 0)
+    if peak > available:
+        log.warning("the export needs about %.2f GiB but only %.2f GiB may be used (%s): it may be killed",
+                     peak / 2**30, available / 2**30, bound)
+    why = "requested" if requested != "auto" else "the streaming merge writes the same files in less time and memory"
+    return impl, f"{why}; needs about {peak / 2**30:.2f} GiB, {available / 2**30:.2f} GiB may be used ({bound})"

@@ -32,7 +32,7 @@ class ExportOptions:
         lora_alpha: override the LoRA alpha of the recorded config.
         merge: write ``merged/``.
         merge_impl: ``peft`` (the whole model in memory), ``streaming`` (one tensor at a time), or
-            ``auto``: streaming unless the whole-model merge and its verification fit comfortably.
+            ``auto``: streaming (the same files, faster and lighter).
         save_adapter: write ``adapter/``.
         verify: check the merged model against the trained model; a failure publishes nothing.
         overwrite: replace an existing export (never anything else) in the output directory.
