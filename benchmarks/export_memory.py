@@ -745,8 +745,8 @@ def verification_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['variant']} | {r['merge_impl']} | {r['export_s']:.1f} | {r['verification_s']:.1f} | "
                      f"{r['verification_s'] / r['export_s']:.2f} |")
     if floors:
-        f = floors[0]
-        lines += ["", f"Floor of any verification on this machine (`floor` variant): reading every weight of both models "
+        f = {key: statistics.median(x[key] for x in floors) for key in floors[0]}
+        lines += ["", f"Floor of any verification on this machine (`floor` variant, medians of {len(floors)}): reading every weight of both models "
                   f"once as fp32 {f['read_both_models_fp32_s']:.1f} s; two fp32 forward passes of the 4 x 64 probes "
                   f"{f['forward_x2_4_probes_s']:.1f} s (of 2 x 64, one of two workers' share: "
                   f"{f['forward_x2_2_probes_s']:.1f} s). One worker's floor: "

@@ -226,6 +226,9 @@ def _quiet(debug: bool, keep_info: bool = False) -> None:
 
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per model load
     logging.basicConfig(level=logging.INFO if keep_info else logging.WARNING, format="%(message)s")
+    if not sys.stderr.isatty():
+        # No progress bar without a terminal (a batch job's log): a line per verified block instead.
+        logging.getLogger("lightning_lora").setLevel(logging.INFO)
     if not debug:
         import warnings
 

@@ -53,7 +53,7 @@ from lightning_lora.export.memory import choose_merge_impl
 from lightning_lora.export.merge import check_merged_files, load_trained, merge, resolve_dtype
 from lightning_lora.export.options import ExportOptions
 from lightning_lora.export.plan import MergePlan, assign_shards, plan_merge
-from lightning_lora.export.probes import build_probes
+from lightning_lora.export.probes import probes_for
 from lightning_lora.export.rendezvous import Rendezvous
 from lightning_lora.export.sources import Sources, base_files, read_sources, resolve_base
 from lightning_lora.export.stream import streamed_values, write_config, write_index, write_shards
@@ -240,13 +240,7 @@ def _ship_tokenizer(merged_dir: Path, tokenizer: str | None, trained: dict[str, 
 
 def _probes(job: Job, merged_dir: Path) -> torch.Tensor:
     """The fixed minimum probe set, started with the run's own sequences when there are some."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir) if (merged_dir / "tokenizer_config.json").is_file() else None
-    added = [] if tokenizer is None else sorted(tokenizer.added_tokens_decoder)
-    vocab = job.sources.vocab_size
-    base_vocab = job.sources.base_vocab or vocab
-    return build_probes(vocab, tokenizer, job.options.probes, special_ids=[*added, *range(base_vocab, vocab)])
+    return probes_for(merged_dir, job.sources.vocab_size, job.sources.base_vocab, job.options.probes)
 
 
 def _progress(job: Job, rank: int) -> Any:

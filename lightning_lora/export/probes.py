@@ -10,11 +10,12 @@ new tokens are exercised.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["MIN_PROBES", "PROBE_TOKENS", "build_probes"]
+__all__ = ["MIN_PROBES", "PROBE_TOKENS", "build_probes", "probes_for"]
 
 MIN_PROBES = 4
 PROBE_TOKENS = 64
@@ -54,3 +55,14 @@ def build_probes(vocab_size: int, tokenizer: Any | None = None, texts: list[list
     for (row, col), token in zip(slots[:: max(1, len(slots) // max(1, len(wanted)))], wanted):
         probes[row, col] = token
     return probes
+
+
+def probes_for(merged_dir: Path, vocab_size: int, base_vocab: int | None, texts: list[list[int]] | None = None) -> torch.Tensor:
+    """The probes of an export: the merged model's own tokenizer on the fixed prompts (or
+    ``texts``), every added token, and every row the run added to the base's vocabulary."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir) if (merged_dir / "tokenizer_config.json").is_file() else None
+    added = [] if tokenizer is None else sorted(tokenizer.added_tokens_decoder)
+    new_rows = range(base_vocab, vocab_size) if base_vocab else range(0)
+    return build_probes(vocab_size, tokenizer, texts, special_ids=[*added, *new_rows])

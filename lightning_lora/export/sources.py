@@ -157,6 +157,8 @@ def open_sources(manifest: dict[str, Any], export_dir: Path, base_model: str, ch
     adapter = export_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise ExportError(f"the checkpoint {recorded!r} is gone and {str(export_dir)!r} holds no adapter to verify against; pass --checkpoint")
-    sources = read_sources(adapter, ExportOptions(base_model=base_model))
+    checkpoint = load_checkpoint(adapter)
+    checkpoint.vocab_size = manifest.get("vocab_size")  # a run that added tokens: the base grows as in training
+    sources = read_sources(checkpoint, ExportOptions(base_model=base_model))
     sources.description = f"the exported adapter on --base-model {base_model!r} (the checkpoint {recorded!r} is not there)"
     return sources

@@ -25,7 +25,7 @@ import torch
 
 from lightning_lora.errors import ExportError
 from lightning_lora.export.function_check import SAFETY, Side, check_function
-from lightning_lora.export.probes import build_probes
+from lightning_lora.export.probes import build_probes, probes_for
 from lightning_lora.export.reference import TrainedModel
 from lightning_lora.export.tensor_check import check_tensors, expected_keys
 from lightning_lora.export.weights import WeightFiles, read_config
@@ -226,8 +226,9 @@ def verify_directory(export_dir: Path, base_model: str | Path | None = None, che
 
         sources = open_sources(manifest, export_dir, str(base_model), checkpoint)
         dtype = getattr(torch, manifest["dtype"])
+        probes = probes_for(merged_dir, sources.vocab_size, sources.base_vocab)
         result = verify_export(merged_dir, sources.peft_model, sources.trained, sources.frozen, sources.base, dtype,
-                               device=device)
+                               probes=probes, device=device)
         result["reference"] = sources.description
         report["verification"] = result
         problems += result["problems"]
