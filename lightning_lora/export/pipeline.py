@@ -60,7 +60,7 @@ from lightning_lora.export.stream import streamed_values, write_config, write_in
 from lightning_lora.export.structure import build_peft_model, count_tensors
 from lightning_lora.export.tokens import reconcile_special_ids, write_tokenizer_files
 from lightning_lora.export.verify import verify_export, verify_tensors
-from lightning_lora.export.weights import WeightFiles
+from lightning_lora.export.weights import WeightFiles, read_config
 
 __all__ = ["export_checkpoint", "export_shared"]
 
@@ -151,8 +151,6 @@ def _check_space(output: Path, base: Any, dtype: torch.dtype, options: ExportOpt
 def prepare(checkpoint: str | Path | TrainedCheckpoint, output: Path, options: ExportOptions) -> Job:
     """Read the inputs and check everything that can be checked before anything large is loaded:
     the output, the base's headers and the disk space come before the checkpoint is read."""
-    from lightning_lora.export.weights import read_config
-
     given = resolve_base(options.base_model) if options.base_model is not None else None
     _check_apart(output, checkpoint, options, given[1] if given else None)
     recover_interrupted(output.resolve())
