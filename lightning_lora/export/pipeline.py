@@ -597,6 +597,9 @@ def export_shared(checkpoint: str | Path, output: str | Path, rank: int, world: 
     reported success. Returns the manifest on rank 0, ``None`` on the others.
     """
     started = time.perf_counter()
+    if settings.get("merge_impl") == "peft" and world > 1:
+        log.warning("merge_impl='peft' cannot be shared by %d ranks; the streaming merge writes the same files", world)
+        settings = {**settings, "merge_impl": "streaming"}
     options = ExportOptions(**{**settings, "workers": world})
     output = Path(output)
     job, decision = None, {"problem": ""}

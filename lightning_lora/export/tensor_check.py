@@ -129,13 +129,14 @@ def check_tensors(merged: WeightFiles, keys: list[str], reference: TrainedModel,
     holders = _wrappers(peft_model)
     loader = Materializer(peft_model, lambda name: reference.value(name) if name in reference.shapes else None, device)
     head_key = _tied_head_key(peft_model) if tied else None
+    input_key = _input_key(peft_model) if tied else None
     for key in keys:
         if key not in holders:
             report.problems.append(f"merged tensor {key!r} is not a tensor of the trained model")
             continue
         stored = merged.get(key)
         targets = [(key, holders[key])]
-        if head_key is not None and key == _input_key(peft_model):
+        if head_key is not None and key == input_key:
             targets.append((head_key, holders[head_key]))  # the tied head is these same values
         for name, peft_key in targets:
             if tuple(stored.shape) != reference.shapes[peft_key]:
