@@ -12,24 +12,17 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from lightning_lora.cli import export_main
 
 from conftest import SCRIPT
+from test_export import _load_dir as _merged
 
 
 def _train(base: Path, out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     return subprocess.run([sys.executable, str(SCRIPT), "--base", str(base), "--out", str(out), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def _merged(directory: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def test_deepspeed_export_takes_the_checkpoint_of_the_last_step_not_the_best(tiny_bases: dict[str, Path], tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from lightning_lora.cli import evaluate_main, export_main, generate_main, verify_main
 
+from test_export import _load_dir as _merged
+
 PREFIX = "lightning-lora export: error: "
 
 
@@ -35,13 +37,6 @@ def _copy_base(base: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "base"
     shutil.copytree(base, copy)
     return copy
-
-
-def _merged(directory: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 # --- damaged or unsupported base files --------------------------------------------------------------

@@ -19,26 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lightning_lora.cli import export_main
 from lightning_lora.export.inits import rewrites_base
 
 from conftest import SCRIPT
+from test_export import _export
+from test_export import _load_dir as _merged
 
 REWRITING = ["pissa", "pissa-niter", "olora", "corda", "lora-ga"]
-
-
-def _export(checkpoint: Path, out: Path, base: Path, *extra: str) -> dict:
-    assert export_main(["--checkpoint", str(checkpoint), "--output", str(out), "--base-model", str(base), *extra]) == 0
-    return json.loads((out / "export.json").read_text())
-
-
-def _merged(directory: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def trained_model(run: Path, base: Path, lora: dict) -> torch.nn.Module:

@@ -8,14 +8,13 @@ model differs from the adapter model".
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_lora.errors import ExportError
 
-__all__ = ["check_merged_files", "load_trained", "merge", "resolve_dtype"]
+__all__ = ["load_trained", "merge", "resolve_dtype"]
 
 
 def resolve_dtype(name: str, base_config: Any) -> torch.dtype:
@@ -32,20 +31,6 @@ def resolve_dtype(name: str, base_config: Any) -> torch.dtype:
     if isinstance(recorded, str):
         recorded = getattr(torch, recorded, None)
     return recorded if isinstance(recorded, torch.dtype) and recorded.is_floating_point else torch.float32
-
-
-def check_merged_files(merged_dir: Path) -> int:
-    """Fail if any adapter tensor survived into the merged files; returns the number of tensors."""
-    from safetensors import safe_open
-
-    keys = []
-    for file in sorted(merged_dir.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            keys += list(f.keys())
-    leftovers = [k for k in keys if ".lora_" in k or ".base_layer." in k or ".modules_to_save." in k]
-    if leftovers:
-        raise ExportError(f"{len(leftovers)} adapter tensor(s) survived the merge, e.g. {leftovers[:3]}; nothing was published")
-    return len(keys)
 
 
 def load_trained(model: Any, trained: dict[str, torch.Tensor], frozen: Mapping[str, torch.Tensor], rewritten: set[str]) -> None:
@@ -67,7 +52,8 @@ def merge(model: Any, dtype: torch.dtype) -> Any:
 
     A head tied to the input embeddings is given its own copy first, so that a delta merged into
     one of them (LoRA on ``lm_head`` or on the embeddings) cannot reach the other through the
-    shared matrix; if the two still agree afterwards, they are tied again.
+    shared matrix. Whether the export ties them again, and its config, are the plan's to decide
+    (:mod:`~lightning_lora.export.plan`); only the merged values are taken from here.
 
     Upcasting layer by layer keeps the peak near the model in its own dtype plus one fp32 layer,
     where ``merge_and_unload`` on an fp32 copy of the whole model would need twice that or more.
@@ -75,11 +61,7 @@ def merge(model: Any, dtype: torch.dtype) -> Any:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.trainable_tokens import TrainableTokensLayer
 
-    hf_model = model.base_model.model
-    config = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied:
-        _untie(hf_model)
+    _untie(model.base_model.model)
     for module in model.modules():
         # Trainable tokens copy their rows into the embeddings (unload alone would drop them).
         if isinstance(module, (LoraLayer, TrainableTokensLayer)) and not module.merged:
@@ -87,10 +69,7 @@ def merge(model: Any, dtype: torch.dtype) -> Any:
             weight.data = weight.data.to(torch.float32)
             module.merge(safe_merge=True)
             weight.data = weight.data.to(dtype)
-    merged = model.unload()
-    if tied:
-        _retie_if_equal(merged)
-    return merged.to(dtype)
+    return model.unload().to(dtype)
 
 
 def _untie(hf_model: Any) -> None:
@@ -108,21 +87,3 @@ def _untie(hf_model: Any) -> None:
     head, embeddings = innermost(output), innermost(hf_model.get_input_embeddings())
     if getattr(head, "weight", None) is not None and head.weight is getattr(embeddings, "weight", None):
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-
-
-def _retie_if_equal(model: Any) -> None:
-    """Tie the head to the input embeddings again if the merge left them equal; else untie the
-    config, so that ``from_pretrained`` cannot overwrite the trained head with the embeddings."""
-    output = model.get_output_embeddings()
-    if output is None:
-        return
-    embeddings = model.get_input_embeddings().weight
-    if torch.equal(output.weight, embeddings):
-        output.weight = embeddings
-        return
-    model.config.tie_word_embeddings = False
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    text_config.tie_word_embeddings = False
-    # transformers >= 5 also consults this mapping when tying on load and saving.
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        model._tied_weights_keys = {}

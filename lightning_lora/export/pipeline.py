@@ -50,7 +50,7 @@ from lightning_lora.export.hf import (
     write_json,
 )
 from lightning_lora.export.memory import choose_merge_impl
-from lightning_lora.export.merge import check_merged_files, load_trained, merge, resolve_dtype
+from lightning_lora.export.merge import load_trained, merge, resolve_dtype
 from lightning_lora.export.options import ExportOptions
 from lightning_lora.export.plan import MergePlan, assign_shards, plan_merge
 from lightning_lora.export.probes import probes_for
@@ -309,6 +309,7 @@ def run_share(job: Job, tmp: Path, rendezvous: Rendezvous) -> dict[str, Any]:
         report["hashes"] = _write_my_shards(job, plan, rank, world, merged_dir)
         report["shards"] = sorted(report["hashes"])
         report["merged_modules"] = plan.merged_modules
+        report["merged_tensors"] = len(plan.entries)
         lap("merge")
         if options.verify:  # this worker's own shards, while the others may still be writing theirs
             files = WeightFiles(merged_dir, "merged", sources.peft_model.base_model.model.base_model_prefix,
@@ -395,16 +396,16 @@ def _combine_functions(functions: list[dict[str, Any]], workers: int) -> dict[st
 def finish(job: Job, tmp: Path, reports: dict[int, dict[str, Any]], started: float) -> dict[str, Any]:
     """Rank 0: check and record everything in ``export.json``; a failed verification is kept aside."""
     sources, options = job.sources, job.options
-    merged_dir = tmp / "merged"
     rank0 = reports[0]
     metadata = rank0.get("metadata", {})
     counts = count_tensors(sources.peft_model, sources.rewritten)
     if options.merge:
-        counts["merged_tensors"] = check_merged_files(merged_dir)
-        merged_modules = rank0.get("merged_modules")
-        if merged_modules is not None and merged_modules != counts["lora_modules"]:
-            raise ExportError(f"the streaming merger merged {merged_modules} modules but LoRA wraps {counts['lora_modules']}; "
-                              "nothing was published (try --merge-impl peft)")
+        # The plan writes only the unwrapped model's tensors (no adapter tensor can survive); it
+        # must have found every module LoRA wraps.
+        counts["merged_tensors"] = rank0["merged_tensors"]
+        if rank0["merged_modules"] != counts["lora_modules"]:
+            raise ExportError(f"the merge plan covers {rank0['merged_modules']} LoRA modules but LoRA wraps "
+                              f"{counts['lora_modules']}; nothing was published")
     verification = _combine(reports, options, sources.description)
     checkpoint = sources.checkpoint
     manifest = {

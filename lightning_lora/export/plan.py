@@ -126,6 +126,9 @@ def plan_merge(model: Any, trained: dict[str, torch.Tensor], frozen: Mapping[str
     _plan_embeddings(model, plan)
     _plan_sources(model, plan, base)
     plan.entries = _entries(plan, base, frozen, dtype)
+    leftovers = [entry.key for entry in plan.entries if is_adapter_key(entry.key)]
+    if leftovers:
+        raise ExportError(f"{len(leftovers)} adapter tensor(s) would survive the merge, e.g. {leftovers[:3]}; nothing was published")
     plan.shards = _shards(plan.entries, parse_size(max_shard_size))
     return plan
 

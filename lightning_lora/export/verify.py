@@ -88,9 +88,13 @@ def verify_tensors(merged: WeightFiles, keys: list[str], peft_model: Any, traine
     """The tensor check of ``keys`` of the merged files (one worker's own shards, as soon as it
     wrote them): see :mod:`~lightning_lora.export.tensor_check`. ``tied``: the export ties the
     head to the input embeddings."""
+    return _tensor_report(merged, keys, TrainedModel(peft_model, trained, frozen, base), dtype, compute_device(device), tied)
+
+
+def _tensor_report(merged: WeightFiles, keys: list[str], reference: TrainedModel, dtype: torch.dtype, device: torch.device,
+                   tied: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    reference = TrainedModel(peft_model, trained, frozen, base)
-    result = check_tensors(merged, keys, reference, dtype, compute_device(device), tied)
+    result = check_tensors(merged, keys, reference, dtype, device, tied)
     return {"tensors": {**result.as_dict(), "seconds": round(time.perf_counter() - started, 3)},
             "problems": list(result.problems), "rewritten_base_tensors": sorted(reference.rewritten)}
 
@@ -145,7 +149,7 @@ def verify_export(
         problems += [f"the merged files lack {key!r}" for key in sorted(want - have)]
         problems += [f"the merged files hold {key!r}, which the merged config has no use for" for key in sorted(have - want)]
     keys = sorted(merged_files.keys()) if keys is None else keys
-    tensors = verify_tensors(merged_files, keys, peft_model, trained, frozen, base, dtype, tied, device)
+    tensors = _tensor_report(merged_files, keys, reference, dtype, device, tied)
     problems += tensors["problems"]
     report["tensors"] = tensors["tensors"]
     function_started = time.perf_counter()
@@ -165,7 +169,7 @@ def verify_export(
         finally:
             for side in sides:
                 side.close()
-    report["rewritten_base_tensors"] = sorted(reference.rewritten | set(tensors["rewritten_base_tensors"]))
+    report["rewritten_base_tensors"] = sorted(reference.rewritten)
     report["problems"] = problems
     report["passed"] = not problems
     report["seconds"] = round(time.perf_counter() - started, 3)
