@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true", help="skip the check against the trained model")
     parser.add_argument("--frozen-from-checkpoint", action="store_true",
                         help="take frozen weights from the checkpoint instead of the base model directory")
+    parser.add_argument("--merge-base", default="dequantized", help="for a run on a 4-bit base (QLoRA): dequantized "
+                        "(default: the 4-bit weights as training saw them, i.e. the model that was trained) or original "
+                        "(the 16-bit base directory; drifts from the trained model, reported in export.json)")
+    parser.add_argument("--max-drift", type=float, help="QLoRA: fail if more than this fraction of probe tokens' argmax "
+                        "differs from the trained 4-bit model (default: report only)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export in --output (never anything else)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
@@ -102,6 +107,8 @@ def export_main(argv: list[str]) -> int:
             verify=not args.no_verify,
             overwrite=args.overwrite,
             frozen_from_checkpoint=args.frozen_from_checkpoint,
+            merge_base=args.merge_base,
+            max_drift=args.max_drift,
             tokenizer=args.tokenizer,
             workers=args.workers,
             device=args.device,

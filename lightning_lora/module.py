@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_lora.dtypes import IGNORE_INDEX, canonical_dtype, parse_dtype
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, config_to_dict
 from lightning_lora.export.inits import rewrites_base
+from lightning_lora.export.quantized import check_quantization_settings, quantization_record
 from lightning_lora.export.tokens import add_tokens, embedding_names, resize_vocab, tokenizer_files
 from lightning_lora.tiny import resolve_model_path
 
@@ -58,6 +59,15 @@ class LoraFinetuneModule(L.LightningModule):
         warmup_steps: optimizer steps of linear warmup from zero.
         lr_schedule: ``cosine`` decay to ``min_lr_ratio`` times the peak after warmup, or ``constant``.
         min_lr_ratio: the final learning rate of the cosine schedule as a fraction of the peak.
+        quantization: train on a 4-bit quantized base (QLoRA): ``"nf4"`` or ``"fp4"``, loaded through
+            transformers' bitsandbytes integration with ``double_quantization`` and ``dtype`` as the
+            compute dtype, and prepared for k-bit training as PEFT documents (the layers left
+            unquantized, embeddings and head included, are upcast to fp32). LoRA stays in fp32. The
+            checkpoint keeps the quantized weights and records these settings, so the export can
+            merge into exactly the weights training saw. Single device and DDP; DeepSpeed and
+            FSDP cannot shard a quantized base and are refused at setup. 8-bit (LLM.int8) is refused:
+            it quantizes activations too, so no merged model could reproduce it.
+        double_quantization: quantize the 4-bit quantization constants too (QLoRA's default).
         added_tokens: tokens to add to the tokenizer (give ``data.added_tokens`` the same list;
             the CLI links them). The embeddings grow to the new vocabulary (new rows start at
             the mean of the old ones) and, unless ``modules_to_save`` trains the embeddings in
@@ -83,6 +93,8 @@ class LoraFinetuneModule(L.LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         min_lr_ratio: float = 0.0,
+        quantization: Literal["nf4", "fp4"] | None = None,
+        double_quantization: bool = True,
         added_tokens: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -107,6 +119,7 @@ class LoraFinetuneModule(L.LightningModule):
             raise ValueError(f"model.lr_schedule={lr_schedule!r} is not one of ['cosine', 'constant']")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"model.min_lr_ratio={min_lr_ratio!r} must be in [0, 1]")
+        check_quantization_settings(quantization, init_lora_weights, use_dora)
         # The optimizer is a callable, not a setting the export needs; everything else is kept.
         self.save_hyperparameters(ignore=["optimizer"])
         self.model_name_or_path = model_name_or_path
@@ -127,6 +140,8 @@ class LoraFinetuneModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.lr_schedule = lr_schedule
         self.min_lr_ratio = min_lr_ratio
+        self.quantization = quantization
+        self.double_quantization = double_quantization
         self.added_tokens = list(added_tokens or [])
         self.tokenizer: Any = None  # loaded only to add tokens; the data module has its own
         self._tokenizer_record: tuple[int, dict[str, str]] | None = None
@@ -152,7 +167,15 @@ class LoraFinetuneModule(L.LightningModule):
             return  # Lightning may call this more than once (e.g. fit then test)
         from peft import get_peft_model
 
+        self._check_quantization_strategy()
         base = self._load_base_model()
+        if self.quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            # Freezes the base, upcasts its unquantized layers to fp32, and (with gradient
+            # checkpointing) makes the inputs require grad so that checkpointed blocks get gradients.
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=self.gradient_checkpointing,
+                                                   gradient_checkpointing_kwargs={"use_reentrant": False})
         _check_module_names(base, "target_modules", self.lora_settings["target_modules"])
         _check_module_names(base, "modules_to_save", self.lora_settings["modules_to_save"])
         if self.gradient_checkpointing:
@@ -193,6 +216,10 @@ class LoraFinetuneModule(L.LightningModule):
         files = self._tokenizer_files()
         if files is not None:
             checkpoint[CHECKPOINT_KEY]["tokenizer"] = files
+        if self.model is not None:
+            quantization = quantization_record(self.model)
+            if quantization is not None:
+                checkpoint[CHECKPOINT_KEY]["quantization"] = quantization
 
     def _tokenizer_files(self) -> dict[str, str] | None:
         """The tokenizer this run trains with (the data module's, else our own), as files."""
@@ -224,6 +251,8 @@ class LoraFinetuneModule(L.LightningModule):
         dtype = parse_dtype(self.dtype_name, "model.dtype") or "auto"
         strategy = self._deepspeed_strategy()
         try:
+            if self.quantization is not None:
+                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **self._quantized_loading(path, dtype))
             if strategy is None or not strategy.zero_stage_3:
                 return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             # Lightning runs configure_model inside deepspeed.zero.Init, so every parameter is
@@ -240,6 +269,30 @@ class LoraFinetuneModule(L.LightningModule):
                 unset_hf_deepspeed_config()
         except OSError as err:
             raise OSError(f"model.model_name_or_path={self.model_name_or_path!r} could not be loaded: {err}") from err
+
+    def _quantized_loading(self, path: str, dtype: Any) -> dict[str, Any]:
+        """``from_pretrained`` arguments that load the base in 4 bits on this process's device."""
+        from transformers import AutoConfig, BitsAndBytesConfig
+
+        if dtype == "auto":
+            dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float32
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quantization,
+                                    bnb_4bit_use_double_quant=self.double_quantization, bnb_4bit_compute_dtype=dtype)
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        return {"quantization_config": config, "device_map": {"": device}}
+
+    def _check_quantization_strategy(self) -> None:
+        """One line at setup where the strategy cannot hold a quantized base."""
+        if self.quantization is None or self._trainer is None:
+            return
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
+            raise ValueError(
+                f"model.quantization={self.quantization!r} cannot be trained with {type(strategy).__name__}: it shards "
+                "and casts the base's parameters, which a 4-bit base stores packed; use a single device or DDP"
+            )
 
     def _check_deepspeed_support(self, strategy: Any) -> None:
         """Refuse, before training, what DeepSpeed would train wrongly or checkpoint unexportably."""

@@ -94,6 +94,16 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 # not with a merge into the original base.
 REWRITTEN_BASE = {name for name, (_, args) in RUNS.items() if any(i in args for i in ("pissa", "pissa_niter_4", "olora", "corda", "lora_ga"))}
 
+# QLoRA runs (tests/test_qlora.py), on a 4-bit base with an fp32 compute dtype unless named: kept apart
+# from RUNS, whose exports are compared with a merge into the original base.
+QLORA_RUNS: dict[str, tuple[str, list[str]]] = {
+    **{f"qlora-{arch}-{kind}": (arch, ["--quantization", kind, "--targets", "q_proj,v_proj", *(["--export"] if kind == "nf4" else [])])
+       for arch in ("llama", "qwen2") for kind in ("nf4", "fp4")},
+    "qlora-llama-nf4-bf16-compute": ("llama", ["--quantization", "nf4", "--dtype", "bf16"]),
+    "qlora-ddp": ("llama", ["--quantization", "nf4", "--strategy", "ddp", "--devices", "2", "--export",
+                            "--merge-base", "original"]),
+}
+
 
 def run_train_script(name: str, base: Path, out: Path, args: list[str]) -> None:
     """Run ``train_run.py`` in a subprocess (Lightning re-launches it for each extra rank)."""
@@ -112,7 +122,7 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bases: dict[str,
 
     def get(name: str) -> tuple[Path, Path]:
         if name not in done:
-            arch, args = RUNS[name]
+            arch, args = RUNS[name] if name in RUNS else QLORA_RUNS[name]
             out = tmp_path_factory.mktemp(name)
             run_train_script(name, tiny_bases[arch], out, args)
             done[name] = (out, tiny_bases[arch])

@@ -23,6 +23,7 @@ from lightning_lora.export.inits import rewrites_base
 from lightning_lora.export.keys import normalize_keys, select_adapter
 from lightning_lora.export.options import ExportOptions
 from lightning_lora.export.pipeline import export_checkpoint, export_shared
+from lightning_lora.export.quantized import quantization_record, quantized_state
 from lightning_lora.export.tokens import tokenizer_files
 from lightning_lora.export.zero import check_rank_files, read_model_states, resolve_zero_tag
 
@@ -31,6 +32,8 @@ __all__ = ["HFExport"]
 # Probe sequences taken from the validation data to start the verification's probes with.
 _PROBE_SEQUENCES = 4
 _PROBE_TOKENS = 64
+# Validation batches on which a 4-bit run's drift report compares the loss of export and trained model.
+_HELDOUT_BATCHES = 4
 
 
 class HFExport(L.Callback):
@@ -56,6 +59,11 @@ class HFExport(L.Callback):
         overwrite: replace an existing export in ``dirpath`` (never anything else).
         export_on_exception: when fit fails, export the last checkpoint ``ModelCheckpoint`` wrote
             (the last good state) instead of nothing.
+        merge_base: for a 4-bit base (QLoRA): merge into the ``dequantized`` 4-bit weights (the
+            model that was trained) or the ``original`` 16-bit base.
+        max_drift: fail the export when more than this fraction of the probe tokens' argmax differs
+            from the trained 4-bit model; by default drift is reported (with the held-out loss
+            of both models on a few validation batches) and never fails.
     """
 
     def __init__(
@@ -70,11 +78,14 @@ class HFExport(L.Callback):
         base_model: str | None = None,
         overwrite: bool = False,
         export_on_exception: bool = False,
+        merge_base: Literal["dequantized", "original"] = "dequantized",
+        max_drift: float | None = None,
     ) -> None:
         try:
             # Validated here, where the callback is built, not at the end of a long run.
             self.options = ExportOptions(base_model=base_model, dtype=dtype, max_shard_size=max_shard_size, merge=merge,
-                                         merge_impl=merge_impl, save_adapter=save_adapter, verify=verify, overwrite=overwrite)
+                                         merge_impl=merge_impl, save_adapter=save_adapter, verify=verify,
+                                         overwrite=overwrite, merge_base=merge_base, max_drift=max_drift)
         except ExportError as err:  # name the argument of this class, not the command's option
             message = re.sub(r"^--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(err))
             raise ValueError(f"HFExport {message}") from err
@@ -88,6 +99,10 @@ class HFExport(L.Callback):
         _name, peft_model = _find_peft_model(pl_module)
         config = config_to_dict(peft_model.peft_config[peft_model.active_adapter])
         strategy = trainer.strategy
+        quantization = quantization_record(peft_model)  # refuses 8 bits
+        if quantization is not None and isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
+            raise ValueError(f"HFExport: a {quantization['quant_type']} base cannot be trained and exported with "
+                             f"{type(strategy).__name__}, which shards and casts the packed 4-bit weights; use DDP")
         if rewrites_base(config) and isinstance(strategy, DeepSpeedStrategy):
             init = config.get("init_lora_weights")
             if strategy.zero_stage_3:
@@ -111,6 +126,8 @@ class HFExport(L.Callback):
         # strategy tears down, so a DeepSpeed engine is still there to save a checkpoint.
         described = _describe_peft_model(pl_module, trainer)
         settings = self._settings(described, _validation_probes(trainer))
+        if described.get("quantization") is not None:
+            settings["heldout"] = _heldout_batches(trainer)
         if isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)):
             checkpoint = self._final_checkpoint(trainer)  # a collective: every rank takes part
             self.result = export_shared(checkpoint, self.dirpath, trainer.global_rank, trainer.world_size,
@@ -230,6 +247,9 @@ def _describe_peft_model(pl_module: L.LightningModule, trainer: L.Trainer) -> di
     tokenizer = getattr(trainer.datamodule, "tokenizer", None)
     if tokenizer is not None:
         described["tokenizer"] = tokenizer_files(tokenizer)
+    quantization = quantization_record(peft_model)
+    if quantization is not None:
+        described["quantization"] = quantization
     return described
 
 
@@ -243,6 +263,7 @@ def _from_memory(trainer: L.Trainer, pl_module: L.LightningModule, described: di
             trained[name] = param.detach().to("cpu", copy=True)
         else:
             frozen[name] = param.detach()
+    frozen.update(quantized_state(pl_module))  # a 4-bit base's quantization state, beside its packed weights
     adapter = _find_peft_model(pl_module)[1].active_adapter
     return TrainedCheckpoint(
         tensors=select_adapter(normalize_keys(trained, described["prefix"]), adapter)[1],
@@ -255,20 +276,42 @@ def _from_memory(trainer: L.Trainer, pl_module: L.LightningModule, described: di
         tokenizer_files=described.get("tokenizer"),
         frozen=select_adapter(normalize_keys(frozen, described["prefix"]), adapter, strict=False)[1],
         adapter_name=adapter,
+        quantization=described.get("quantization"),
     )
 
 
-def _validation_probes(trainer: L.Trainer) -> list[list[int]] | None:
-    """Up to a few unpadded validation sequences, or ``None`` (fixed prompts) without validation data."""
+def _validation_batches(trainer: L.Trainer, count: int) -> list[Any]:
+    """Up to ``count`` batches of the first validation loader, or none without validation data."""
     try:
         loaders = trainer.val_dataloaders
         if loaders is None:
             datamodule = trainer.datamodule
             loaders = datamodule.val_dataloader() if datamodule is not None else None
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        batch = next(iter(loader)) if loader is not None else None
-    except (StopIteration, AttributeError, TypeError, NotImplementedError):
-        return None
+        if loader is None:
+            return []
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            if len(batches) == count:
+                break
+        return batches
+    except (AttributeError, TypeError, NotImplementedError):
+        return []
+
+
+def _heldout_batches(trainer: L.Trainer) -> list[dict[str, list[list[int]]]] | None:
+    """A few validation batches as lists, for the drift report's held-out loss of a 4-bit run."""
+    batches = [batch for batch in _validation_batches(trainer, _HELDOUT_BATCHES)
+               if isinstance(batch, dict) and "input_ids" in batch and "labels" in batch and "position_ids" not in batch]
+    keys = ("input_ids", "attention_mask", "labels")
+    return [{key: batch[key].tolist() for key in keys if key in batch} for batch in batches] or None
+
+
+def _validation_probes(trainer: L.Trainer) -> list[list[int]] | None:
+    """Up to a few unpadded validation sequences, or ``None`` (fixed prompts) without validation data."""
+    batches = _validation_batches(trainer, 1)
+    batch = batches[0] if batches else None
     if not isinstance(batch, dict) or "input_ids" not in batch:
         return None
     ids = batch["input_ids"]

@@ -32,11 +32,14 @@ def write_adapter(sources: Sources, directory: Path) -> str | None:
 
     tensors = {k: v.float() for k, v in sources.trained.items()}
     overrides: dict[str, Any] = {}
+    # A dequantized 4-bit base (QLoRA) is the base the adapter trained on: it loads onto that
+    # base quantized again, unchanged. Only an initialisation's rewrite calls for a conversion.
+    rewritten = sources.rewritten - sources.dequantized
     rewritten_layers = [(name, module) for name, module in sources.peft_model.named_modules()
-                        if isinstance(module, LoraLayer) and f"{name}.base_layer.weight" in sources.rewritten]
+                        if isinstance(module, LoraLayer) and f"{name}.base_layer.weight" in rewritten]
     if rewritten_layers:
         problem = conversion_problem(sources.lora_config)
-        if problem is None and len(rewritten_layers) != len(sources.rewritten):
+        if problem is None and len(rewritten_layers) != len(rewritten):
             problem = "--frozen-from-checkpoint took frozen weights no adapter can carry"
         if problem is not None:
             log.warning("no adapter written: %s; the merged model is the trained model", problem)

@@ -59,6 +59,8 @@ class TrainedCheckpoint:
             memory), by PEFT-model key, each read when it is accessed; ``None`` when the source
             keeps none apart. An initialisation that rewrote the base is read from here.
         adapter_name: the PEFT adapter the tensors belong to, renamed to ``default`` in ``tensors``.
+        quantization: how the base was quantized during training (QLoRA), if it was; see
+            :func:`~lightning_lora.export.quantized.quantization_record`.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -73,6 +75,7 @@ class TrainedCheckpoint:
     tokenizer_files: dict[str, str] | None = None
     frozen: Mapping[str, torch.Tensor] | None = None
     adapter_name: str = "default"
+    quantization: dict[str, Any] | None = None
 
     def frozen_tensors(self, trainable: set[str]) -> Mapping[str, torch.Tensor]:
         """Every frozen weight the checkpoint holds: ``tensors`` less the ``trainable`` keys, and ``frozen``."""
@@ -245,6 +248,7 @@ def load_checkpoint(
         tokenizer_files=recorded.get("tokenizer"),
         frozen=frozen or None,
         adapter_name=chosen,
+        quantization=recorded.get("quantization"),
     )
 
 

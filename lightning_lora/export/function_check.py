@@ -151,7 +151,8 @@ def _run_with_stubs(side: Side, stub: Callable[..., Any], **inputs: Any) -> Any:
         side.loader.release()
 
 
-def _capture(side: Side, probes: torch.Tensor) -> _Calls:
+def _capture(side: Side, **inputs: torch.Tensor) -> _Calls:
+    """What each of the side's blocks is called with for ``inputs`` (``input_ids``, an ``attention_mask``)."""
     calls = _Calls()
     last = len(side.blocks) - 1
 
@@ -162,7 +163,7 @@ def _capture(side: Side, probes: torch.Tensor) -> _Calls:
             raise _Stop
         return _hidden(args, kwargs)
 
-    _run_with_stubs(side, record, input_ids=probes.to(side.device))
+    _run_with_stubs(side, record, **{name: value.to(side.device) for name, value in inputs.items()})
     return calls
 
 
@@ -214,7 +215,7 @@ def check_function(reference: Side, merged: Side, probes: torch.Tensor, dtype: t
                    progress: Callable[[int, int], None] | None = None) -> FunctionReport:
     """Run ``probes`` through both sides block by block and compare; see the module docstring."""
     report = FunctionReport(probes=probes.shape[0], tokens=probes.numel())
-    ref_calls, merged_calls = _capture(reference, probes), _capture(merged, probes)
+    ref_calls, merged_calls = _capture(reference, input_ids=probes), _capture(merged, input_ids=probes)
     hidden = _hidden(ref_calls.args[0], ref_calls.kwargs[0])
     size = hidden.shape[-1]
     embedded = _hidden(merged_calls.args[0], merged_calls.kwargs[0])

@@ -12,6 +12,7 @@ from lightning_lora.dtypes import canonical_dtype
 from lightning_lora.errors import ExportError
 from lightning_lora.export.memory import MERGE_IMPLS
 from lightning_lora.export.plan import parse_size
+from lightning_lora.export.quantized import MERGE_BASES
 
 __all__ = ["ExportOptions"]
 
@@ -43,6 +44,13 @@ class ExportOptions:
         workers: local processes that share the merge and the verification.
         device: where verification computes (the process's GPU when it has one).
         progress: show progress bars (a terminal) or log lines.
+        merge_base: for a run on a 4-bit base (QLoRA), what the adapter is merged into:
+            ``dequantized`` (the 4-bit weights as training saw them: the model that was trained)
+            or ``original`` (the 16-bit base directory). The same for a run without quantization.
+        max_drift: fail when more than this fraction of the probe tokens' argmax differs between
+            the export and the model that was trained (QLoRA); by default drift is only reported.
+        heldout: validation batches (``input_ids``, ``labels``, optional ``attention_mask`` as
+            lists) on which the drift report compares the loss of both models.
     """
 
     base_model: str | None = None
@@ -65,6 +73,9 @@ class ExportOptions:
     workers: int = 1
     device: str | None = None
     progress: bool = False
+    merge_base: str = "dequantized"
+    max_drift: float | None = None
+    heldout: list[dict[str, list[list[int]]]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         try:
@@ -78,6 +89,10 @@ class ExportOptions:
             raise ExportError(f"--r={self.r!r} is not a positive integer")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ExportError(f"--lora-alpha={self.lora_alpha!r} is not a positive number")
+        if self.merge_base not in MERGE_BASES:
+            raise ExportError(f"--merge-base={self.merge_base!r} is not one of {list(MERGE_BASES)}")
+        if self.max_drift is not None and not (isinstance(self.max_drift, (int, float)) and 0.0 <= self.max_drift <= 1.0):
+            raise ExportError(f"--max-drift={self.max_drift!r} is not a fraction of tokens in [0, 1]")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ExportError(f"--workers={self.workers!r} is not a positive integer")
         if not self.merge and not self.save_adapter:

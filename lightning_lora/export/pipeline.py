@@ -36,6 +36,7 @@ from lightning_lora.dtypes import dtype_name
 from lightning_lora.errors import ExportError, VerificationError
 from lightning_lora.export.adapter import write_adapter
 from lightning_lora.export.checkpoint import TrainedCheckpoint
+from lightning_lora.export.drift import measure_drift
 from lightning_lora.export.hf import (
     MANIFEST_FORMAT,
     check_free_space,
@@ -54,12 +55,13 @@ from lightning_lora.export.merge import load_trained, merge, resolve_dtype
 from lightning_lora.export.options import ExportOptions
 from lightning_lora.export.plan import MergePlan, assign_shards, plan_merge
 from lightning_lora.export.probes import probes_for
+from lightning_lora.export.quantized import describe_quantization
 from lightning_lora.export.rendezvous import Rendezvous
 from lightning_lora.export.sources import Sources, base_files, read_sources, resolve_base
 from lightning_lora.export.stream import streamed_values, write_config, write_index, write_shards
 from lightning_lora.export.structure import build_peft_model, count_tensors
 from lightning_lora.export.tokens import reconcile_special_ids, write_tokenizer_files
-from lightning_lora.export.verify import verify_export, verify_tensors
+from lightning_lora.export.verify import compute_device, verify_export, verify_tensors
 from lightning_lora.export.weights import WeightFiles, read_config
 
 __all__ = ["export_checkpoint", "export_shared"]
@@ -105,8 +107,10 @@ def inputs_fingerprint(sources: Sources, options: ExportOptions) -> str:
         for key in sorted(checkpoint.tensors):
             digest.update(key.encode())
             digest.update(checkpoint.tensors[key].float().cpu().numpy().tobytes())
-        for key in sorted(sources.rewritten):
+        for key in sorted(sources.rewritten - sources.dequantized):
             digest.update(sources.frozen[key].float().cpu().numpy().tobytes())
+        for key in sorted(sources.dequantized):  # the packed 4-bit bytes, not their dequantization
+            digest.update(sources.quantized.frozen[key].cpu().numpy().tobytes())
     else:
         digest.update(json.dumps(_files_signature(Path(checkpoint.source))).encode())
     digest.update(json.dumps(_files_signature(Path(sources.base_path))).encode())
@@ -328,6 +332,11 @@ def run_share(job: Job, tmp: Path, rendezvous: Rendezvous) -> dict[str, Any]:
                                      function=len(probes) > 0, device=options.device, progress=_progress(job, rank))
             report["verification"] = _joined(tensors, function)
             lap("function check")
+            if rank == 0 and sources.quantized is not None:
+                report["verification"]["drift"] = measure_drift(
+                    merged_dir, sources, _probes(job, merged_dir), options.heldout, compute_device(options.device),
+                    options.max_drift, options.merge_base)
+                lap("drift")
     elif rank == 0:
         report["metadata"] = _write_metadata(job, tmp, None)
     rendezvous.report("verified", report)
@@ -344,6 +353,8 @@ def _combine(reports: dict[int, dict[str, Any]], options: ExportOptions, referen
         return {"skipped": "--no-verify"}
     parts = {rank: reports[rank]["verification"] for rank in sorted(reports)}
     problems = [f"rank {rank}: {p}" if len(parts) > 1 else p for rank, part in parts.items() for p in part["problems"]]
+    drift = parts[0].get("drift")
+    problems += drift["problems"] if drift else []
     tensors: dict[str, Any] = {"checked": 0, "by_kind": {}, "worst": {}}
     for part in parts.values():
         tensors["checked"] += part["tensors"]["checked"]
@@ -364,6 +375,7 @@ def _combine(reports: dict[int, dict[str, Any]], options: ExportOptions, referen
         "tensors": tensors,
         "function": _combine_functions(functions, len(parts)),
         "rewritten_base_tensors": len({k for part in parts.values() for k in part["rewritten_base_tensors"]}),
+        "drift": drift,
         "seconds": max(part["seconds"] for part in parts.values()),
     }
 
@@ -427,7 +439,11 @@ def finish(job: Job, tmp: Path, reports: dict[int, dict[str, Any]], started: flo
         "special_token_changes": metadata.get("special_token_changes", []),
         "adapter": ("not requested" if not options.save_adapter else
                     f"left out: {metadata['adapter_left_out']}" if metadata.get("adapter_left_out") else
-                    "converted to the original base (PEFT's conversion)" if sources.rewritten else "written"),
+                    "converted to the original base (PEFT's conversion)" if sources.rewritten - sources.dequantized else
+                    f"written (load it onto the base quantized as in training: {describe_quantization(checkpoint.quantization)})"
+                    if sources.quantized is not None else "written"),
+        "quantization": checkpoint.quantization if sources.quantized is not None else None,
+        "merge_base": options.merge_base if sources.quantized is not None else None,
         "tensors": counts,
         "workers": {"count": len(reports), "shards": {name: rank for rank, r in sorted(reports.items()) for name in r["shards"]},
                     "seconds": {rank: r["seconds"] for rank, r in sorted(reports.items())}},

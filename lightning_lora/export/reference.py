@@ -82,7 +82,8 @@ class TrainedModel:
 
     def _same_as_base(self, key: str, base: torch.Tensor) -> bool:
         """Whether the checkpoint's frozen weight is the base's, up to the precision either is
-        stored in (a bf16 run of an fp32 base, an fp32 run exported onto a bf16 copy), judged on a
+        stored or was loaded in (a bf16 run of an fp32 base, an fp32 run exported onto a bf16 copy,
+        a bf16 base upcast to fp32 for QLoRA training), judged on a
         few rows read from the checkpoint (an initialisation that rewrites a weight changes every row)."""
         if base.dim() == 0 or base.shape[0] <= _SAMPLE_ROWS:
             stored = self.frozen[key]
@@ -93,7 +94,10 @@ class TrainedModel:
             stored, base = frozen_rows(self.frozen, key, rows), base[rows]
             if stored.shape != base.shape:
                 return False
-        return torch.equal(stored, base.to(stored.dtype)) or torch.equal(stored.to(base.dtype), base)
+        if torch.equal(stored, base.to(stored.dtype)) or torch.equal(stored.to(base.dtype), base):
+            return True
+        # Loaded in 16 bits and upcast for training (QLoRA's k-bit preparation keeps such values in fp32).
+        return any(torch.equal(stored, base.to(low).to(stored.dtype)) for low in (torch.bfloat16, torch.float16))
 
 
 class Materializer:

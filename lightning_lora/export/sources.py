@@ -8,7 +8,7 @@ meta device. Nothing large is loaded here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from lightning_lora.errors import ExportError
 from lightning_lora.export.checkpoint import TrainedCheckpoint, load_checkpoint, read_adapter_config
 from lightning_lora.export.inits import rewrites_base
 from lightning_lora.export.options import ExportOptions
+from lightning_lora.export.quantized import QuantizedBase
 from lightning_lora.export.structure import build_meta_peft_model, trained_by_model_key
 from lightning_lora.export.weights import WeightFiles, read_config
 from lightning_lora.tiny import resolve_model_path
@@ -39,6 +40,10 @@ class Sources:
         frozen: the frozen weights the checkpoint holds (read lazily; may be empty).
         rewritten: frozen PEFT-model keys the export takes from the checkpoint, not the base.
         description: what the verification's reference is built from, in words.
+        dequantized: the 4-bit weights (QLoRA) the export takes dequantized from the checkpoint
+            (part of ``rewritten``; empty for ``merge_base="original"``).
+        quantized: the checkpoint's frozen weights with the 4-bit ones readable as stored (for the
+            drift measurement); ``None`` for a run without quantization.
     """
 
     checkpoint: TrainedCheckpoint
@@ -51,6 +56,8 @@ class Sources:
     frozen: Mapping[str, torch.Tensor]
     rewritten: set[str]
     description: str
+    dequantized: set[str] = field(default_factory=set)
+    quantized: QuantizedBase | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -114,10 +121,19 @@ def read_sources(checkpoint: str | Path | TrainedCheckpoint, options: ExportOpti
     except ValueError as err:  # a recorded vocabulary smaller than the base's, a config PEFT refuses
         raise ExportError(f"--base-model={base_name!r} and the LoRA config do not fit the run: {err}") from err
     trained = trained_by_model_key(peft_model, checkpoint)
-    frozen = checkpoint.frozen_tensors(set(trained))
+    stored = checkpoint.frozen_tensors(set(trained))
+    frozen = QuantizedBase.wrap(stored, options.merge_base, checkpoint.quantization)
     rewritten = _rewritten(peft_model, frozen, config, options.frozen_from_checkpoint, checkpoint.source)
     description = f"checkpoint {checkpoint.source!r} on --base-model {base_name!r}"
-    return Sources(checkpoint, base_name, base_path, base, config, peft_model, trained, frozen, rewritten, description)
+    quantized, dequantized = None, set()
+    if isinstance(frozen, QuantizedBase):
+        quantized = QuantizedBase.wrap(stored, "dequantized", checkpoint.quantization)
+        if options.merge_base == "dequantized":
+            dequantized = set(frozen.weights)
+            rewritten |= dequantized
+            description += f", merged into its 4-bit ({', '.join(sorted(set(frozen.weights.values())))}) weights dequantized"
+    return Sources(checkpoint, base_name, base_path, base, config, peft_model, trained, frozen, rewritten, description,
+                   dequantized, quantized)
 
 
 def _rewritten(peft_model: Any, frozen: Mapping[str, torch.Tensor], config: dict[str, Any], everything: bool, source: str) -> set[str]:
@@ -149,11 +165,15 @@ def open_sources(manifest: dict[str, Any], export_dir: Path, base_model: str, ch
     recorded = (manifest.get("source") or {}).get("checkpoint")
     candidate = checkpoint if checkpoint is not None else recorded
     options = ExportOptions(base_model=base_model, prefix=manifest.get("prefix"), tag=(manifest.get("source") or {}).get("tag"),
-                            lora_config=manifest.get("lora_config"), adapter_name=manifest.get("adapter_name"))
+                            lora_config=manifest.get("lora_config"), adapter_name=manifest.get("adapter_name"),
+                            merge_base=manifest.get("merge_base") or "dequantized")
     if candidate is not None and Path(candidate).exists():
         return read_sources(candidate, options)
     if checkpoint is not None:
         raise ExportError(f"--checkpoint={str(checkpoint)!r} does not exist")
+    if manifest.get("merge_base") == "dequantized":
+        raise ExportError(f"the checkpoint {recorded!r} is gone, and only it holds the 4-bit base this export merged into "
+                          "(the adapter does not); pass --checkpoint")
     adapter = export_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise ExportError(f"the checkpoint {recorded!r} is gone and {str(export_dir)!r} holds no adapter to verify against; pass --checkpoint")

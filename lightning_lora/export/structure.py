@@ -15,6 +15,7 @@ import torch
 
 from lightning_lora.errors import ExportError
 from lightning_lora.export.checkpoint import TrainedCheckpoint, lora_config_from_dict
+from lightning_lora.export.quantized import quantized_entries
 from lightning_lora.export.tokens import resize_vocab
 from lightning_lora.export.weights import read_config
 
@@ -87,7 +88,9 @@ def trained_by_model_key(model: Any, checkpoint: TrainedCheckpoint) -> dict[str,
     tensors a Lightning checkpoint holds beside them are left to :meth:`TrainedCheckpoint.frozen_tensors`.
     """
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    tensors = dict(checkpoint.tensors)
+    # A 4-bit base's packed weights and their quantization state (QLoRA) are frozen: read apart.
+    quantized = quantized_entries(checkpoint.tensors)
+    tensors = {key: value for key, value in checkpoint.tensors.items() if key not in quantized}
     if checkpoint.adapter_format:
         # Let PEFT name the adapter-file keys (``...lora_A.weight``, ``lm_head.weight`` for
         # modules_to_save, ...) by feeding it each trainable parameter's index instead of its value.

@@ -250,4 +250,8 @@ def summarize_verification(verification: dict) -> str:
         text += (f"; {function.get('blocks_checked', 0)} blocks and the logits agree on {function.get('tokens', 0)} probe tokens "
                  f"(max |logit diff| {logits.get('max_abs_diff', 0):.2e} <= {logits.get('tolerance', 0):.2e}, "
                  f"argmax agrees at {100 * logits.get('argmax_agreement', 1.0):.1f}% of positions)")
+    if verification.get("drift"):
+        from lightning_lora.export.drift import summarize_drift
+
+        text += f"; {summarize_drift(verification['drift'])}"
     return text

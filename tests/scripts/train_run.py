@@ -142,6 +142,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--top-k-checkpoints", action="store_true",
                         help="ModelCheckpoint(save_top_k=2, monitor='score', mode='min') every step, no save_last; "
                         "the logged scores make step 2 the best and the last checkpoint written one of step 4")
+    parser.add_argument("--quantization", default=None, help="LoraFinetuneModule(quantization=...): nf4 or fp4 (QLoRA)")
+    parser.add_argument("--dtype", default="fp32", help="LoraFinetuneModule(dtype=...): the compute dtype of a 4-bit base")
+    parser.add_argument("--merge-base", default="dequantized", help="HFExport(merge_base=...)")
     parser.add_argument("--fail-at", type=int, default=None, help="training_step raises at this step")
     parser.add_argument("--export-on-exception", action="store_true")
     parser.add_argument("--inject-oserror", action="store_true",
@@ -168,7 +171,7 @@ def main() -> None:
         module: L.LightningModule = UserModule(args.base, {**lora, **extra, "task_type": "CAUSAL_LM"}, args.adapter_name)
     else:
         module = LoraFinetuneModule(args.base, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-                                    added_tokens=added or None, **lora)
+                                    added_tokens=added or None, quantization=args.quantization, dtype=args.dtype, **lora)
     step = module.training_step
 
     def instrumented_step(batch: dict, batch_idx: int) -> torch.Tensor:
@@ -203,7 +206,8 @@ def main() -> None:
     else:
         strategy = "auto"
     export = HFExport(dirpath=str(out / "export"), dtype=args.export_dtype, base_model=args.export_base_model,
-                      export_on_exception=args.export_on_exception, max_shard_size=args.export_shard_size)
+                      export_on_exception=args.export_on_exception, max_shard_size=args.export_shard_size,
+                      merge_base=args.merge_base)
     callbacks: list[L.Callback] = [export] if args.export else []
     if args.top_k_checkpoints:
         # The one written last (step 4) is neither ModelCheckpoint's "best" (step 2) nor a "last".
@@ -225,6 +229,8 @@ def main() -> None:
         torch.save(trained, out / "trained.pt")
         if frozen is not None:
             torch.save(frozen, out / "frozen.pt")
+        if args.quantization:
+            torch.save(_trained_logits(module), out / "trained_logits.pt")
         if args.record:
             finished = {"global_step": trainer.global_step, "strict_loading": module.strict_loading}
             (out / "finished.json").write_text(json.dumps(finished))
@@ -266,6 +272,16 @@ def _inject_oserror() -> None:
         return original(path)
 
     zero._load = flaky
+
+
+@torch.no_grad()
+def _trained_logits(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """The live trained model's logits on fixed ids, its 4-bit layers run as in training (bitsandbytes'
+    CPU inference kernel, which eval mode switches to, computes differently); lora_dropout is 0."""
+    model = module.model.train()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(3))
+    return {"input_ids": ids, "logits": model(input_ids=ids).logits.float()}
 
 
 def _gather_lora_bases(module: L.LightningModule) -> dict[str, torch.Tensor]:
