@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_lora.dtypes import IGNORE_INDEX, canonical_dtype, parse_dtype
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, config_to_dict
 from lightning_lora.export.inits import rewrites_base
-from lightning_lora.export.quantized import check_quantization_settings, quantization_record
+from lightning_lora.export.quantized import check_quantization_settings, keep_training_layout, quantization_record
 from lightning_lora.export.tokens import add_tokens, embedding_names, resize_vocab, tokenizer_files
 from lightning_lora.tiny import resolve_model_path
 
@@ -176,6 +176,7 @@ class LoraFinetuneModule(L.LightningModule):
             # checkpointing) makes the inputs require grad so that checkpointed blocks get gradients.
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=self.gradient_checkpointing,
                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            keep_training_layout(base)
         _check_module_names(base, "target_modules", self.lora_settings["target_modules"])
         _check_module_names(base, "modules_to_save", self.lora_settings["modules_to_save"])
         if self.gradient_checkpointing:

@@ -1,4 +1,4 @@
-"""Write the README's support table from the training runs the tests export (tests/conftest.py RUNS).
+"""Write the README's support table from the training runs the tests export (tests/conftest.py RUNS, QLORA_RUNS).
 
     python scripts/support_table.py          # rewrite the table in README.md
     python scripts/support_table.py --check  # exit 1 if README.md is not up to date
@@ -33,6 +33,8 @@ def describe(arch: str, args: list[str]) -> tuple[str, str, str, str]:
     if "--num-nodes" in args:
         processes = f"{_option(args, '--num-nodes', '1')} nodes x {processes}"
     precision = _option(args, "--precision", "32-true").replace("32-true", "fp32")
+    if "--quantization" in args:
+        precision = f"QLoRA: {_option(args, '--quantization', '')} base, {_option(args, '--dtype', 'fp32')} compute"
     variants = [ARCH_NAMES[arch]]
     targets = _option(args, "--targets", "q_proj,v_proj")
     if targets != "q_proj,v_proj":
@@ -53,6 +55,9 @@ def describe(arch: str, args: list[str]) -> tuple[str, str, str, str]:
         variants.append("`lora_bias`")
     if "--export-shard-size" in args:
         variants.append("`HFExport` shared by every rank")
+    if "--quantization" in args:
+        variants.append(f"`HFExport(merge_base={_option(args, '--merge-base', '')})`, drift measured" if "--merge-base" in args
+                        else "exported into the dequantized and the original base, drift measured")
     if "--adapter-name" in args:
         variants.append(f"adapter named `{_option(args, '--adapter-name', '')}`")
     return label, processes, precision, ", ".join(variants)
@@ -60,10 +65,10 @@ def describe(arch: str, args: list[str]) -> tuple[str, str, str, str]:
 
 def table() -> str:
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import RUNS
+    from conftest import QLORA_RUNS, RUNS
 
     cells: dict[tuple[str, str, str], list[str]] = defaultdict(list)
-    for arch, args in RUNS.values():
+    for arch, args in [*RUNS.values(), *QLORA_RUNS.values()]:
         strategy, processes, precision, variant = describe(arch, args)
         cells[(strategy, processes, precision)].append(variant)
     lines = ["| strategy | processes | precision | architectures and variants, each a trained and exported run |",

@@ -95,12 +95,16 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 REWRITTEN_BASE = {name for name, (_, args) in RUNS.items() if any(i in args for i in ("pissa", "pissa_niter_4", "olora", "corda", "lora_ga"))}
 
 # QLoRA runs (tests/test_qlora.py), on a 4-bit base with an fp32 compute dtype unless named: kept apart
-# from RUNS, whose exports are compared with a merge into the original base.
+# from RUNS, whose exports are compared with a merge into the original base. They train past the end
+# of the first epoch, so that validation (eval mode) runs between training steps.
 QLORA_RUNS: dict[str, tuple[str, list[str]]] = {
-    **{f"qlora-{arch}-{kind}": (arch, ["--quantization", kind, "--targets", "q_proj,v_proj", *(["--export"] if kind == "nf4" else [])])
+    **{f"qlora-{arch}-{kind}": (arch, ["--quantization", kind, "--targets", "q_proj,v_proj", "--steps", "16",
+                                       *(["--export"] if kind == "nf4" else [])])
        for arch in ("llama", "qwen2") for kind in ("nf4", "fp4")},
+    # GPT-2's Conv1D layers (weights stored (in, out); square attention c_proj) become 4-bit (out, in) layers.
+    "qlora-gpt2-nf4": ("gpt2", ["--quantization", "nf4", "--targets", "c_attn,c_proj", "--steps", "16"]),
     "qlora-llama-nf4-bf16-compute": ("llama", ["--quantization", "nf4", "--dtype", "bf16"]),
-    "qlora-ddp": ("llama", ["--quantization", "nf4", "--strategy", "ddp", "--devices", "2", "--export",
+    "qlora-ddp": ("llama", ["--quantization", "nf4", "--strategy", "ddp", "--devices", "2", "--steps", "9", "--export",
                             "--merge-base", "original"]),
 }
 

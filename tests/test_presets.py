@@ -190,3 +190,17 @@ def test_ddp_preset_trains_two_processes_from_a_cold_builtin_cache(tmp_path: Pat
     assert result.returncode == 0, result.stderr[-5000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr
     _assert_export_verified(tmp_path)
+
+
+def test_qlora_fragment_trains_and_exports_the_trained_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    qlora = REPO / "configs" / "qlora.yaml"
+    cli = LightningLoraCLI(LoraFinetuneModule, InstructionDataModule,
+                           args=["fit", *_config_args(*RUN_AND_MODEL, qlora), *_short_run("llama")])
+    assert (cli.model.quantization, cli.model.double_quantization) == ("nf4", True)
+    assert type(cli.model.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    _assert_export_verified(tmp_path)
+    export = json.loads((tmp_path / "runs/quickstart/export/export.json").read_text())
+    assert export["merge_base"] == "dequantized" and export["quantization"]["quant_type"] == "nf4"
+    drift = export["verification"]["drift"]
+    assert drift["logits"]["argmax_agreement"] == 1.0 and drift["heldout"]["tokens"] > 0

@@ -23,8 +23,8 @@ from conftest import QLORA_RUNS
 from test_export import _export, reference_merge
 from test_export import _load_dir as _merged
 
-# Llama and a tied Qwen2, NF4 and FP4, fp32 compute.
-FP32_RUNS = [f"qlora-{arch}-{kind}" for arch in ("llama", "qwen2") for kind in ("nf4", "fp4")]
+# Llama and a tied Qwen2, NF4 and FP4, and GPT-2 (Conv1D), fp32 compute.
+FP32_RUNS = [*(f"qlora-{arch}-{kind}" for arch in ("llama", "qwen2") for kind in ("nf4", "fp4")), "qlora-gpt2-nf4"]
 
 
 def _trained(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +47,7 @@ def _quantization(run: Path) -> dict:
 @pytest.mark.parametrize("name", FP32_RUNS)
 def test_dequantized_export_is_the_trained_model(name: str, trained_runs, tmp_path: Path) -> None:
     run, base = trained_runs(name)
-    kind = QLORA_RUNS[name][1][1]
+    kind = QLORA_RUNS[name][1][QLORA_RUNS[name][1].index("--quantization") + 1]
     recorded = _quantization(run)
     assert (recorded["quant_type"], recorded["double_quant"], recorded["compute_dtype"]) == (kind, True, "fp32")
 
@@ -62,6 +62,11 @@ def test_dequantized_export_is_the_trained_model(name: str, trained_runs, tmp_pa
     assert drift["merge_base"] == "dequantized" and drift["logits"]["argmax_agreement"] == 1.0
     assert drift["logits"]["max_abs_diff"] <= 1e-5 * max(1.0, drift["logits"]["scale"])
     assert len(drift["blocks"]) == 2 and all(block["relative"] <= 1e-5 for block in drift["blocks"])
+
+    # PEFT's whole-model merge writes the same bytes as the streaming one.
+    _export(run / "ckpt", tmp_path / "peft", base, "--merge-base", "dequantized", "--dtype", "fp32", "--merge-impl", "peft")
+    peft = _merged(tmp_path / "peft" / "merged")
+    assert all(torch.equal(peft[k], v) for k, v in _merged(tmp_path / "deq" / "merged").items())
 
     # A bf16 export is the fp32 one rounded once.
     _export(run / "ckpt", tmp_path / "bf16", base, "--merge-base", "dequantized", "--dtype", "bf16")
@@ -101,6 +106,8 @@ def test_adapter_loads_onto_the_quantized_base(name: str, trained_runs, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from lightning_lora.export.quantized import keep_training_layout
+
     run, base = trained_runs(name)
     _export(run / "ckpt", tmp_path / "out", base, "--no-merge")
     recorded = _quantization(run)
@@ -108,12 +115,17 @@ def test_adapter_loads_onto_the_quantized_base(name: str, trained_runs, tmp_path
                                 bnb_4bit_use_double_quant=recorded["double_quant"], bnb_4bit_compute_dtype=torch.float32)
     quantized = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=config, device_map={"": "cpu"})
     model = PeftModel.from_pretrained(quantized, tmp_path / "out" / "adapter")
+    # Every 4-bit entry (packed weights, scales, nested scales) is the checkpoint's, bit for bit:
+    # validation ran between training steps and did not change the layout the checkpoint stores.
     stored = torch.load(run / "ckpt", weights_only=False, mmap=True)["state_dict"]
     mine = model.state_dict()
-    packed = [k for k in stored if k.endswith("q_proj.base_layer.weight")]
-    assert packed and all(torch.equal(stored[k], mine[k.removeprefix("model.")]) for k in packed)
+    quantized = [k for k in stored if ".weight." in k or (k.endswith(".weight") and stored[k].dtype == torch.uint8)]
+    assert any(k.endswith("nested_absmax") for k in quantized) and any(k.endswith("base_layer.weight") for k in quantized)
+    for key in quantized:
+        assert torch.equal(stored[key], mine[key.removeprefix("model.")]), key
     ids, expected = _trained(run)
-    model.train()  # the layers as training ran them (no dropout: lora_dropout=0)
+    model.eval()
+    keep_training_layout(model)  # bitsandbytes' CPU inference kernel otherwise: other arithmetic, and 32-row blocks
     with torch.no_grad():
         got = model(input_ids=ids).logits.float()
     assert (got - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
@@ -190,3 +202,39 @@ def test_sharding_strategies_are_refused_at_setup(strategy: str, llama_base: Pat
         module._trainer = SimpleNamespace(strategy=chosen)
     with pytest.raises(ValueError, match=f"cannot be trained with {type(chosen).__name__}"):
         module.configure_model()
+
+
+@pytest.mark.parametrize("merge_base", ["dequantized", "original"])
+def test_verify_command_rechecks_either_export(merge_base: str, trained_runs, tmp_path: Path) -> None:
+    """``lightning-lora verify`` rebuilds the chosen base from the checkpoint again, and refuses a
+    dequantized export whose checkpoint is gone instead of checking it against the wrong base."""
+    from lightning_lora.cli import verify_main
+
+    run, base = trained_runs("qlora-qwen2-nf4")
+    out = tmp_path / "out"
+    _export(run / "ckpt", out, base, "--merge-base", merge_base)
+    assert verify_main([str(out), "--base-model", str(base)]) == 0
+    moved = tmp_path / "elsewhere.ckpt"
+    (run / "ckpt").rename(moved)
+    try:
+        assert verify_main([str(out), "--base-model", str(base)]) == (1 if merge_base == "dequantized" else 0)
+        assert verify_main([str(out), "--base-model", str(base), "--checkpoint", str(moved)]) == 0
+    finally:
+        moved.rename(run / "ckpt")
+
+
+def test_a_dequantization_unlike_training_fails_the_export(trained_runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The strict check and the merge share the exporter's dequantization; only the drift, which runs
+    bitsandbytes' own layers, can see it go wrong. Here it goes wrong the way a transposed square
+    matrix would (GPT-2's c_proj): the export must fail, not publish a "verified" wrong model."""
+    from lightning_lora.errors import VerificationError
+    from lightning_lora.export.pipeline import export_checkpoint
+    from lightning_lora.export.quantized import QuantizedBase
+
+    run, base = trained_runs("qlora-llama-fp4")
+    right = QuantizedBase.dequantize
+    monkeypatch.setattr(QuantizedBase, "dequantize", lambda self, key: right(self, key).T.contiguous()
+                        if right(self, key).shape[0] == right(self, key).shape[1] else right(self, key))
+    with pytest.raises(VerificationError, match="the dequantized base is not what training multiplied with"):
+        export_checkpoint(run / "ckpt", tmp_path / "out", base_model=str(base))
+    assert not (tmp_path / "out").exists()

@@ -23,7 +23,7 @@ from lightning_lora.export.inits import rewrites_base
 from lightning_lora.export.keys import normalize_keys, select_adapter
 from lightning_lora.export.options import ExportOptions
 from lightning_lora.export.pipeline import export_checkpoint, export_shared
-from lightning_lora.export.quantized import quantization_record, quantized_state
+from lightning_lora.export.quantized import keep_training_layout, quantization_record, quantized_state
 from lightning_lora.export.tokens import tokenizer_files
 from lightning_lora.export.zero import check_rank_files, read_model_states, resolve_zero_tag
 
@@ -100,6 +100,7 @@ class HFExport(L.Callback):
         config = config_to_dict(peft_model.peft_config[peft_model.active_adapter])
         strategy = trainer.strategy
         quantization = quantization_record(peft_model)  # refuses 8 bits
+        keep_training_layout(peft_model)
         if quantization is not None and isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
             raise ValueError(f"HFExport: a {quantization['quant_type']} base cannot be trained and exported with "
                              f"{type(strategy).__name__}, which shards and casts the packed 4-bit weights; use DDP")

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_lora.dtypes import IGNORE_INDEX
-from lightning_lora.export.function_check import Side, _capture, _first, _hidden, _logits, _with_hidden
+from lightning_lora.errors import ExportError
+from lightning_lora.export.function_check import Side, _capture, _first, _hidden, _logits, _with_hidden, tolerance
 from lightning_lora.export.quantized import QuantizedBase, QuantizedLinear
 from lightning_lora.export.reference import TrainedModel
 from lightning_lora.export.structure import build_meta_peft_model
@@ -42,10 +43,14 @@ def _trained_side(sources: Any, device: torch.device) -> Side:
     """The model that was trained: PEFT's structure, its 4-bit layers run by bitsandbytes."""
     quantized: QuantizedBase = sources.quantized
     model = build_meta_peft_model(sources.base_path, sources.lora_config, sources.checkpoint.vocab_size)
+    replaced = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and f"{name}.weight" in quantized.weights:
+        if f"{name}.weight" in quantized.weights:
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name), leaf, QuantizedLinear(module, quantized, f"{name}.weight"))
+            replaced += 1
+    if replaced != len(quantized.weights):
+        raise ExportError(f"{len(quantized.weights) - replaced} of the checkpoint's 4-bit weights name no layer of the base model")
     # Everything but the 4-bit weights: the adapter from the checkpoint, the unquantized layers
     # (embeddings, norms, head) from the base directory.
     unquantized = QuantizedBase(quantized.frozen, "original", quantized.compute_dtype)
@@ -81,8 +86,8 @@ def _run(trained: Side, export: Side, inputs: dict[str, torch.Tensor], per_block
                 alone = _first(export_block(*args, **kwargs))
                 change = (_first(out) - mine).abs().max().item()
                 diff = (alone.float() - _first(out).float()).abs().max().item()
-                per_block.append({"block": f"{export.block_path}.{index}", "max_abs_diff": diff,
-                                  "relative": diff / max(change, 1e-30)})
+                per_block.append({"block": f"{export.block_path}.{index}", "max_abs_diff": diff, "scale": change,
+                                  "relative": diff / max(change, 1e-30), "hidden_size": mine.shape[-1]})
         finally:
             trained.loader.release(trained_block)
             export.loader.release(export_block)
@@ -101,9 +106,19 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     return F.cross_entropy(logits[:, :-1][mask], labels[mask], reduction="sum").item(), int(mask.sum().item())
 
 
+def _coarser(first: torch.dtype, second: torch.dtype) -> torch.dtype:
+    """The dtype of fewer significand bits."""
+    return max((first, second), key=lambda dtype: torch.finfo(dtype).eps)
+
+
 def measure_drift(merged_dir: Path, sources: Any, probes: torch.Tensor, heldout: list[dict[str, Any]] | None,
-                  device: torch.device, max_drift: float | None, merge_base: str) -> dict[str, Any]:
-    """The drift report for ``export.json``; ``problems`` is not empty only past ``max_drift``."""
+                  device: torch.device, max_drift: float | None, merge_base: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The drift report for ``export.json``.
+
+    ``problems`` is not empty past ``max_drift``, and, for the ``dequantized`` base, when a block
+    differs from the trained 4-bit block by more than the function check's tolerance for the
+    coarser of the export dtype and the compute dtype: that export claims to be the trained model.
+    """
     started = time.perf_counter()
     quantized: QuantizedBase = sources.quantized
     kinds = sorted(set(quantized.weights.values()))
@@ -153,6 +168,15 @@ def measure_drift(merged_dir: Path, sources: Any, probes: torch.Tensor, heldout:
     report["problems"] = [] if max_drift is None or differ <= max_drift else [
         f"drift: {100 * differ:.2f}% of the probe tokens' argmax differ from the trained 4-bit model, more than "
         f"--max-drift={max_drift} allows"]
+    if merge_base == "dequantized":
+        precision = _coarser(dtype, quantized.compute_dtype)
+        for block in report["blocks"]:
+            block["tolerance"] = tolerance(precision, block["hidden_size"], block["scale"])
+            if not block["max_abs_diff"] <= block["tolerance"]:
+                report["problems"].append(
+                    f"drift: {block['block']} of the export differs from the trained 4-bit block by {block['max_abs_diff']:.3g} "
+                    f"(tolerance {block['tolerance']:.3g}): the dequantized base is not what training multiplied with")
+                break
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 

@@ -335,7 +335,7 @@ def run_share(job: Job, tmp: Path, rendezvous: Rendezvous) -> dict[str, Any]:
             if rank == 0 and sources.quantized is not None:
                 report["verification"]["drift"] = measure_drift(
                     merged_dir, sources, _probes(job, merged_dir), options.heldout, compute_device(options.device),
-                    options.max_drift, options.merge_base)
+                    options.max_drift, options.merge_base, job.dtype)
                 lap("drift")
     elif rank == 0:
         report["metadata"] = _write_metadata(job, tmp, None)

@@ -31,6 +31,7 @@ __all__ = [
     "QuantizedLinear",
     "check_quantization_settings",
     "describe_quantization",
+    "keep_training_layout",
     "quantization_record",
     "quantized_entries",
     "quantized_state",
@@ -106,18 +107,40 @@ def describe_quantization(record: dict[str, Any] | None) -> str:
             f"compute {record.get('compute_dtype')}")
 
 
-def quantized_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The quantization state of every 4-bit layer inside ``module``, keyed as its state dict keys it
-    (``<layer>.weight.absmax``, ...): what a module in memory holds beside its packed weights."""
+def _linear4bit_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
-        return {}
+        return []
+    return [(name, layer) for name, layer in module.named_modules() if isinstance(layer, Linear4bit)]
+
+
+def keep_training_layout(module: torch.nn.Module) -> int:
+    """Keep every 4-bit layer inside ``module`` in the layout it trains in; returns how many there are.
+
+    On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit`` repacks its weight in place for a faster
+    kernel the first time it runs in eval mode (validation), undoing double quantization; saving a
+    checkpoint packs it back and re-quantizes the quantization constants, which is lossy. The
+    checkpoint would then no longer hold the base training multiplied with, and validation would
+    compute with another kernel than training. Switched off, eval runs training's own arithmetic.
+    """
+    layers = _linear4bit_layers(module)
+    for _, layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def quantized_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every 4-bit layer's packed weight and quantization state inside ``module``, keyed as its state
+    dict keys them (``<layer>.weight``, ``<layer>.weight.absmax``, ...), on the CPU: what a module in
+    memory holds, in the layout a checkpoint stores (bitsandbytes' own ``_save_to_state_dict``)."""
     state = {}
-    for name, layer in module.named_modules():
-        if isinstance(layer, Linear4bit) and getattr(layer.weight, "quant_state", None) is not None:
-            for part, value in layer.weight.quant_state.as_dict(packed=True).items():
-                state[f"{name}.weight.{part}"] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+    for name, layer in _linear4bit_layers(module):
+        entries: dict[str, Any] = {}
+        layer._save_to_state_dict(entries, f"{name}." if name else "", keep_vars=False)
+        for key, value in entries.items():
+            if key.startswith(f"{name}.weight" if name else "weight") and isinstance(value, torch.Tensor):
+                state[key] = value.detach().cpu()
     return state
 
 
@@ -161,6 +184,26 @@ class QuantizedBase(Mapping[str, torch.Tensor]):
         self._hidden = {part for parts in self._parts.values() for part in parts}
         if merge_base == "original":
             self._hidden |= set(self.weights)
+        self.transposed: set[str] = set()
+
+    def orient(self, model: torch.nn.Module) -> None:
+        """Match each 4-bit weight to the layout of the (meta) ``model``'s layer: transformers loads a
+        GPT-2 ``Conv1D`` (weight stored (in, out)) as a 4-bit ``Linear4bit`` (out, in). Decided by
+        the layer's type: a square layer's shape cannot tell."""
+        import bitsandbytes.functional as F
+
+        for name, module in model.named_modules():
+            key = f"{name}.weight"
+            if key not in self.weights:
+                continue
+            want = tuple(module.weight.shape)
+            have = tuple(F.QuantState.from_dict(dict(self.state(key)[1]), device=torch.device("cpu")).shape)
+            if type(module).__name__ == "Conv1D":
+                self.transposed.add(key)
+                have = tuple(reversed(have))
+            if have != want:
+                raise ExportError(f"the checkpoint's 4-bit weight {key!r} has shape {have}, the base model's is {tuple(want)}: "
+                                  "--base-model is not the model this run trained")
 
     @staticmethod
     def wrap(frozen: Mapping[str, torch.Tensor], merge_base: str, quantization: dict[str, Any] | None) -> Mapping[str, torch.Tensor]:
@@ -201,7 +244,8 @@ class QuantizedBase(Mapping[str, torch.Tensor]):
 
         packed, parts = self.state(key)
         quant_state = F.QuantState.from_dict(dict(parts), device=torch.device("cpu"))
-        return F.dequantize_4bit(packed.cpu(), quant_state).to(self.compute_dtype)
+        weight = F.dequantize_4bit(packed.cpu(), quant_state).to(self.compute_dtype)
+        return weight.T.contiguous() if key in self.transposed else weight
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -210,11 +254,17 @@ class QuantizedLinear(torch.nn.Module):
     model when drift is measured. Only the bias (if any) is a parameter, loaded like any other.
     """
 
-    def __init__(self, linear: torch.nn.Linear, base: QuantizedBase, key: str) -> None:
+    def __init__(self, layer: torch.nn.Module, base: QuantizedBase, key: str) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if isinstance(layer, torch.nn.Linear):
+            self.in_features, self.out_features = layer.in_features, layer.out_features
+        elif type(layer).__name__ == "Conv1D":  # transformers' (in, out) linear layer (GPT-2)
+            self.in_features, self.out_features = layer.weight.shape
+        else:
+            raise ExportError(f"the checkpoint holds {key!r} in 4 bits, but the base model's layer there is a "
+                              f"{type(layer).__name__}, not a linear layer")
         self.weight_key, self.base = key, base
-        self.bias = linear.bias
+        self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
@@ -222,6 +272,7 @@ class QuantizedLinear(torch.nn.Module):
         packed, parts = self.base.state(self.weight_key)
         layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=self.bias is not None, device=x.device,
                                   compute_dtype=self.base.compute_dtype, quant_type=self.base.weights[self.weight_key])
+        keep_training_layout(layer)
         layer.weight = bnb.nn.Params4bit.from_prequantized(data=packed.to(x.device), quantized_stats=dict(parts),
                                                            requires_grad=False, device=x.device)
         if self.bias is not None:

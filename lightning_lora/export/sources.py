@@ -128,6 +128,8 @@ def read_sources(checkpoint: str | Path | TrainedCheckpoint, options: ExportOpti
     quantized, dequantized = None, set()
     if isinstance(frozen, QuantizedBase):
         quantized = QuantizedBase.wrap(stored, "dequantized", checkpoint.quantization)
+        frozen.orient(peft_model)
+        quantized.orient(peft_model)
         if options.merge_base == "dequantized":
             dequantized = set(frozen.weights)
             rewritten |= dequantized

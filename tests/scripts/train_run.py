@@ -276,9 +276,9 @@ def _inject_oserror() -> None:
 
 @torch.no_grad()
 def _trained_logits(module: L.LightningModule) -> dict[str, torch.Tensor]:
-    """The live trained model's logits on fixed ids, its 4-bit layers run as in training (bitsandbytes'
-    CPU inference kernel, which eval mode switches to, computes differently); lora_dropout is 0."""
-    model = module.model.train()
+    """The live trained model's logits on fixed ids (eval mode: no dropout; LoraFinetuneModule keeps
+    its 4-bit layers on training's arithmetic in eval mode too)."""
+    model = module.model.eval()
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(3))
     return {"input_ids": ids, "logits": model(input_ids=ids).logits.float()}
