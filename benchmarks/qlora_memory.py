@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_memory import GiB, REPO, RESULTS, SIZES, BUILD_VERSION, ensure_base, machine, measure, versions  # noqa: E402
+from export_memory import BUILD_VERSION, RESULTS, SIZES, GiB, ensure_base, machine, measure, versions  # noqa: E402
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
@@ -105,6 +105,29 @@ def export_cmd(checkpoint: Path, base: Path, out: Path, merge_base: str) -> list
             "--output", str(out), "--overwrite", "--merge-base", merge_base]
 
 
+def _exports_in_cgroup(limit_gib: float, work: Path, base: Path) -> dict[str, Any]:
+    """The three exports again, each in a memory cgroup of ``limit_gib`` (which caps what the kernel
+    cannot reclaim: page cache of the memory-mapped checkpoint and base is reclaimed under pressure)."""
+    from out_of_core import make_cgroup, run_capped
+
+    try:
+        group, procs = make_cgroup(int(limit_gib * GiB))
+    except OSError as err:
+        return {"limit_gib": limit_gib, "skipped": f"no memory cgroup could be made: {err}"}
+    runs = {}
+    try:
+        for name, checkpoint, merge_base in (("export_bf16", "train_bf16", "dequantized"),
+                                             ("export_nf4_dequantized", "train_nf4", "dequantized"),
+                                             ("export_nf4_original", "train_nf4", "original")):
+            out = work / f"{name}-cgroup"
+            code, wall, last = run_capped(procs, export_cmd(work / checkpoint / "run.ckpt", base, out, merge_base))
+            runs[name] = {"returncode": code, "wall_s": round(wall, 1), "last_line": last}
+            print(f"  {name:<22} in {limit_gib} GiB cgroup: rc={code} wall={wall:.1f}s", flush=True)
+    finally:
+        group.rmdir()
+    return {"limit_gib": limit_gib, "runs": runs}
+
+
 def markdown(report: dict[str, Any]) -> str:
     runs = report["runs"]
     lines = [f"# QLoRA vs bf16 LoRA: peak memory ({report['size']})", "",
@@ -140,6 +163,14 @@ def markdown(report: dict[str, Any]) -> str:
         if kinds:
             lines += ["", f"Model tensors of `{name}` after training (GiB):", ""]
             lines += [f"- {kind}: {size / GiB:.3f}" for kind, size in sorted(kinds.items(), key=lambda kv: -kv[1])]
+    cgroup = report.get("cgroup") or {}
+    if cgroup.get("runs"):
+        lines += ["", f"The same exports in a memory cgroup of {cgroup['limit_gib']} GiB (the bf16 base is "
+                  f"{report.get('base_bytes', 0) / GiB:.2f} GiB):", ""]
+        lines += [f"- {name}: {'completed, verified' if run['returncode'] == 0 else 'failed (rc ' + str(run['returncode']) + ')'}"
+                  f" in {run['wall_s']} s" for name, run in cgroup["runs"].items()]
+    elif cgroup.get("skipped"):
+        lines += ["", f"Exports in a cgroup: {cgroup['skipped']}"]
     drift = report.get("drift", {})
     if drift:
         lines += ["", "Drift of the exports against the trained 4-bit model (probes):", ""]
@@ -155,6 +186,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--cgroup-gib", type=float, default=1.5,
+                        help="also run the three exports in a memory cgroup of this size (0: do not; needs root)")
     args = parser.parse_args()
     size = "small" if args.small else "full"
     spec = SIZES[size]
@@ -166,6 +199,7 @@ def main() -> None:
                               "seq_len": args.seq_len, "runs": {}, "memory_by_kind": {}, "drift": {},
                               "command": shlex.join(["python", "benchmarks/qlora_memory.py", *sys.argv[1:]])}
     base = ensure_base(cache, size, logs, {})
+    report["base_bytes"] = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     for name, quantization in (("train_bf16", "none"), ("train_nf4", "nf4")):
         out = work / name
         out.mkdir(exist_ok=True)
@@ -195,6 +229,8 @@ def main() -> None:
         drift = json.loads((out / "export.json").read_text())["verification"].get("drift")
         if drift:
             report["drift"][name] = {key: drift[key] for key in ("merged_into", "logits", "blocks")}
+    if args.cgroup_gib:
+        report["cgroup"] = _exports_in_cgroup(args.cgroup_gib, work, base)
     results = Path(args.results)
     stem = "qlora_memory_small" if args.small else "qlora_memory"
     (results / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")

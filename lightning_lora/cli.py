@@ -242,6 +242,8 @@ def _quiet(debug: bool, keep_info: bool = False) -> None:
         warnings.simplefilter("ignore", FutureWarning)  # third-party deprecations are not the user's concern
         warnings.simplefilter("ignore", UserWarning)
         hf_logging.set_verbosity_error()
+        # bitsandbytes (imported by PEFT when installed) warns about optional CPU kernels on import.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:

@@ -17,7 +17,13 @@ from typing_extensions import override
 from lightning_lora.dtypes import IGNORE_INDEX, canonical_dtype, parse_dtype
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, config_to_dict
 from lightning_lora.export.inits import rewrites_base
-from lightning_lora.export.quantized import check_quantization_settings, keep_training_layout, quantization_record
+from lightning_lora.export.quantized import (
+    check_quantization_settings,
+    keep_training_layout,
+    quantization_record,
+    quantized_entries,
+    quantized_state,
+)
 from lightning_lora.export.tokens import add_tokens, embedding_names, resize_vocab, tokenizer_files
 from lightning_lora.tiny import resolve_model_path
 
@@ -221,6 +227,22 @@ class LoraFinetuneModule(L.LightningModule):
             quantization = quantization_record(self.model)
             if quantization is not None:
                 checkpoint[CHECKPOINT_KEY]["quantization"] = quantization
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming a 4-bit run: the base was just quantized again from the 16-bit directory, which
+        # is deterministic, so its bytes must be the checkpoint's. Say so if not (another base);
+        # then leave out the quantization state, which the loaded 4-bit layers already hold and
+        # torch's strict loading does not know (bitsandbytes restores it only in from_pretrained).
+        if self.quantization is None or self.model is None or "state_dict" not in checkpoint:
+            return
+        state, live = checkpoint["state_dict"], quantized_state(self)
+        for key in sorted(quantized_entries(state)):
+            if key in live and not torch.equal(state[key].cpu(), live[key]):
+                raise ValueError(f"the checkpoint's 4-bit tensor {key!r} differs from the base quantized now from "
+                                 f"model.model_name_or_path={self.model_name_or_path!r}: not the base this run trained on")
+            if not key.endswith(".weight"):
+                del state[key]
 
     def _tokenizer_files(self) -> dict[str, str] | None:
         """The tokenizer this run trains with (the data module's, else our own), as files."""

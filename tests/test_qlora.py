@@ -238,3 +238,26 @@ def test_a_dequantization_unlike_training_fails_the_export(trained_runs, tmp_pat
     with pytest.raises(VerificationError, match="the dequantized base is not what training multiplied with"):
         export_checkpoint(run / "ckpt", tmp_path / "out", base_model=str(base))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_4bit_run_resumes_from_its_checkpoint(trained_runs, tmp_path: Path) -> None:
+    """Resuming quantizes the base again; its bytes are the checkpoint's, the adapter and the step
+    continue where they were, and a checkpoint of another base is refused with the tensor's name."""
+    from conftest import run_train_script
+
+    run, base = trained_runs("qlora-llama-fp4")
+    args = [*QLORA_RUNS["qlora-llama-fp4"][1], "--resume-from", str(run / "ckpt"), "--record"]
+    args[args.index("--steps") + 1] = "18"
+    run_train_script("qlora-resume", base, tmp_path / "resumed", args)
+    start = torch.load(tmp_path / "resumed" / "start.pt")
+    saved = torch.load(run / "ckpt", weights_only=False, mmap=True)["state_dict"]
+    assert start["global_step"] == 16
+    assert start["trainable"] and all(torch.equal(value, saved[f"model.{key}"].float()) for key, value in start["trainable"].items())
+    assert json.loads((tmp_path / "resumed" / "finished.json").read_text())["global_step"] == 18
+
+    from lightning_lora import LoraFinetuneModule
+
+    other = LoraFinetuneModule(str(base), quantization="fp4", dtype="bf16", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)
+    other.configure_model()
+    with pytest.raises(ValueError, match="differs from the base quantized now"):
+        other.on_load_checkpoint(torch.load(run / "ckpt", weights_only=False))

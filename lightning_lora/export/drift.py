@@ -33,7 +33,7 @@ from lightning_lora.errors import ExportError
 from lightning_lora.export.function_check import Side, _capture, _first, _hidden, _logits, _with_hidden, tolerance
 from lightning_lora.export.quantized import QuantizedBase, QuantizedLinear
 from lightning_lora.export.reference import TrainedModel
-from lightning_lora.export.structure import build_meta_peft_model
+from lightning_lora.export.structure import build_meta_peft_model, merged_meta_model
 from lightning_lora.export.weights import WeightFiles, read_config
 
 __all__ = ["measure_drift", "summarize_drift"]
@@ -59,9 +59,7 @@ def _trained_side(sources: Any, device: torch.device) -> Side:
 
 
 def _merged_side(merged_dir: Path, device: torch.device) -> Side:
-    from lightning_lora.export.verify import _merged_model
-
-    model, _ = _merged_model(merged_dir)
+    model, _ = merged_meta_model(merged_dir)
     files = WeightFiles(merged_dir, "merged", model.base_model_prefix)
     return Side("export", model, lambda name: files.get(name) if name in files else None, device)
 

@@ -19,7 +19,7 @@ from lightning_lora.export.quantized import quantized_entries
 from lightning_lora.export.tokens import resize_vocab
 from lightning_lora.export.weights import read_config
 
-__all__ = ["build_meta_peft_model", "build_peft_model", "count_tensors", "trained_by_model_key"]
+__all__ = ["build_meta_peft_model", "build_peft_model", "count_tensors", "merged_meta_model", "trained_by_model_key"]
 
 
 # Settings of data-driven initialisations, which the rebuilt model (initialised plainly) does not use.
@@ -77,6 +77,18 @@ def build_peft_model(base_model: str | Path, lora_config: dict[str, Any], vocab_
         if isinstance(module, ModulesToSaveWrapper):
             module.modules_to_save.float()
     return model
+
+
+def merged_meta_model(merged_dir: Path) -> tuple[Any, Any]:
+    """The merged model on the meta device (buffers real), built from its own config.json."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(merged_dir, "merged")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    return model, config
 
 
 def trained_by_model_key(model: Any, checkpoint: TrainedCheckpoint) -> dict[str, torch.Tensor]:

@@ -27,8 +27,9 @@ from lightning_lora.errors import ExportError
 from lightning_lora.export.function_check import SAFETY, Side, check_function
 from lightning_lora.export.probes import build_probes, probes_for
 from lightning_lora.export.reference import TrainedModel
+from lightning_lora.export.structure import merged_meta_model
 from lightning_lora.export.tensor_check import check_tensors, expected_keys
-from lightning_lora.export.weights import WeightFiles, read_config
+from lightning_lora.export.weights import WeightFiles
 
 __all__ = ["check_config", "compute_device", "describe_tolerances", "summarize_verification", "verify_directory", "verify_export",
            "verify_tensors"]
@@ -68,18 +69,6 @@ def check_config(trained: Any, merged: Any, vocab_rows: int) -> list[str]:
     if rows is not None and rows != vocab_rows:
         problems.append(f"config.json: vocab_size is {rows}, the trained model embeds {vocab_rows} tokens")
     return problems
-
-
-def _merged_model(merged_dir: Path) -> tuple[Any, Any]:
-    """The merged model on the meta device (buffers real), built from its own config.json."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    config = read_config(merged_dir, "merged")
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.tie_weights()
-    return model, config
 
 
 def verify_tensors(merged: WeightFiles, keys: list[str], peft_model: Any, trained: dict[str, torch.Tensor],
@@ -137,7 +126,7 @@ def verify_export(
     started = time.perf_counter()
     device = compute_device(device)
     reference = TrainedModel(peft_model, trained, frozen, base)
-    merged_model, merged_config = _merged_model(merged_dir)
+    merged_model, merged_config = merged_meta_model(merged_dir)
     merged_files = WeightFiles(merged_dir, "merged", merged_model.base_model_prefix)
     hf_model = peft_model.base_model.model
     tied = bool(getattr(merged_config.get_text_config(), "tie_word_embeddings", False))
@@ -179,7 +168,7 @@ def verify_export(
 def _shape_problems(merged_dir: Path) -> list[str]:
     """Tensors whose shape in the safetensors files is not what the merged config implies (cheap:
     file headers against the model built on the meta device)."""
-    model, _ = _merged_model(merged_dir)
+    model, _ = merged_meta_model(merged_dir)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     files = WeightFiles(merged_dir, "merged", model.base_model_prefix)
     problems = []
