@@ -118,11 +118,11 @@ def _linear4bit_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Modu
 def keep_training_layout(module: torch.nn.Module) -> int:
     """Keep every 4-bit layer inside ``module`` in the layout it trains in; returns how many there are.
 
-    On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit`` repacks its weight in place for a faster
-    kernel the first time it runs in eval mode (validation), undoing double quantization; saving a
-    checkpoint packs it back and re-quantizes the quantization constants, which is lossy. The
-    checkpoint would then no longer hold the base training multiplied with, and validation would
-    compute with another kernel than training. Switched off, eval runs training's own arithmetic.
+    On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit`` repacks its weight in place for another
+    kernel the first time it runs in eval mode (validation): it undoes double quantization, fails
+    on a layer whose output size is not a multiple of 32, and saving a checkpoint packs it back by
+    quantizing the scales again (an inverse bitsandbytes calls best-effort). Switched off, eval
+    runs training's own arithmetic and the weights stay as training multiplies with them.
     """
     layers = _linear4bit_layers(module)
     for _, layer in layers:
