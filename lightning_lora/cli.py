@@ -109,6 +109,7 @@ def export_main(argv: list[str]) -> int:
             frozen_from_checkpoint=args.frozen_from_checkpoint,
             merge_base=args.merge_base,
             max_drift=args.max_drift,
+            heldout=None if args.no_verify else _recorded_heldout(args.checkpoint),
             tokenizer=args.tokenizer,
             workers=args.workers,
             device=args.device,
@@ -226,6 +227,35 @@ def _fail(command: str, err: BaseException, debug: bool) -> int:
         message = f"unexpected {type(err).__name__}: {message} (rerun with --debug for the traceback)"
     print(f"lightning-lora {command}: error: {message}", file=sys.stderr)
     return 1
+
+
+def _recorded_heldout(checkpoint: str) -> list[dict[str, list[list[int]]]] | None:
+    """A 4-bit run's validation batches, rebuilt from the data module its Lightning checkpoint
+    records, for the drift report's held-out loss; ``None`` when there are none to rebuild here."""
+    import torch
+
+    from lightning_lora.export.checkpoint import CHECKPOINT_KEY
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # the export itself reports an unreadable checkpoint, in one line
+        return None
+    if not isinstance(state, dict) or not (state.get(CHECKPOINT_KEY) or {}).get("quantization"):
+        return None
+    hparams = state.get("datamodule_hyper_parameters")
+    if not hparams:
+        return None
+    try:
+        from lightning_lora.data import HELDOUT_BATCHES, recorded_heldout
+
+        return recorded_heldout(hparams, HELDOUT_BATCHES)
+    except Exception as err:  # another data module, data files not here: the drift is reported without it
+        logging.getLogger("lightning_lora").warning("held-out loss not measured: the run's validation data could not "
+                                                    "be rebuilt here (%s)", err)
+        return None
 
 
 def _quiet(debug: bool, keep_info: bool = False) -> None:

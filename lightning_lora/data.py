@@ -429,3 +429,30 @@ class InstructionDataModule(L.LightningDataModule):
     @override
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_examples)
+
+
+# Validation batches on which a 4-bit run's drift report compares the loss of the export and of the
+# trained model (HFExport takes them from the trainer, the export command rebuilds them).
+HELDOUT_BATCHES = 4
+
+
+def heldout_batches(batches: Sequence[Any]) -> list[dict[str, list[list[int]]]] | None:
+    """Validation batches as the export's drift report takes them (``input_ids``, ``labels``, an
+    ``attention_mask``, as lists); packed batches (examples run together) are left out."""
+    keys = ("input_ids", "attention_mask", "labels")
+    usable = [batch for batch in batches
+              if isinstance(batch, dict) and "input_ids" in batch and "labels" in batch and "position_ids" not in batch]
+    return [{key: batch[key].tolist() for key in keys if key in batch} for batch in usable] or None
+
+
+def recorded_heldout(hparams: Mapping[str, Any], count: int) -> list[dict[str, list[list[int]]]] | None:
+    """Up to ``count`` validation batches of the InstructionDataModule a checkpoint records the
+    hyperparameters of (``datamodule_hyper_parameters``), rebuilt as training built them."""
+    data = InstructionDataModule(**dict(hparams))
+    data.setup("validate")
+    batches = []
+    for batch in data.val_dataloader():
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return heldout_batches(batches)

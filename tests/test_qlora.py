@@ -141,6 +141,12 @@ def test_callback_export_and_held_out_loss(trained_runs, tmp_path: Path) -> None
     assert set(callback) == set(command) and all(torch.equal(callback[k], command[k]) for k in callback)
     heldout = manifest["verification"]["drift"]["heldout"]
     assert heldout["tokens"] > 0 and abs(heldout["loss_export"] - heldout["loss_trained"]) <= 1e-4 * heldout["loss_trained"]
+    # The command rebuilt the same validation batches from the data module the checkpoint records.
+    rebuilt = json.loads((tmp_path / "cmd" / "export.json").read_text())["verification"]["drift"]["heldout"]
+    assert (rebuilt["batches"], rebuilt["tokens"]) == (heldout["batches"], heldout["tokens"])
+    assert abs(rebuilt["loss_trained"] - heldout["loss_trained"]) <= 1e-5 * heldout["loss_trained"]
+    original = _export(run / "ckpt", tmp_path / "orig", base, "--merge-base", "original")["verification"]["drift"]["heldout"]
+    assert original["tokens"] == heldout["tokens"] and original["loss_export"] != original["loss_trained"]
 
 
 def test_ddp_training_and_export(trained_runs, tmp_path: Path) -> None:

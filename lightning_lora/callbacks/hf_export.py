@@ -32,8 +32,6 @@ __all__ = ["HFExport"]
 # Probe sequences taken from the validation data to start the verification's probes with.
 _PROBE_SEQUENCES = 4
 _PROBE_TOKENS = 64
-# Validation batches on which a 4-bit run's drift report compares the loss of export and trained model.
-_HELDOUT_BATCHES = 4
 
 
 class HFExport(L.Callback):
@@ -303,10 +301,9 @@ def _validation_batches(trainer: L.Trainer, count: int) -> list[Any]:
 
 def _heldout_batches(trainer: L.Trainer) -> list[dict[str, list[list[int]]]] | None:
     """A few validation batches as lists, for the drift report's held-out loss of a 4-bit run."""
-    batches = [batch for batch in _validation_batches(trainer, _HELDOUT_BATCHES)
-               if isinstance(batch, dict) and "input_ids" in batch and "labels" in batch and "position_ids" not in batch]
-    keys = ("input_ids", "attention_mask", "labels")
-    return [{key: batch[key].tolist() for key in keys if key in batch} for batch in batches] or None
+    from lightning_lora.data import HELDOUT_BATCHES, heldout_batches
+
+    return heldout_batches(_validation_batches(trainer, HELDOUT_BATCHES))
 
 
 def _validation_probes(trainer: L.Trainer) -> list[list[int]] | None:
