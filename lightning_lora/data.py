@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Mapping, Sequence
@@ -450,9 +451,4 @@ def recorded_heldout(hparams: Mapping[str, Any], count: int) -> list[dict[str, l
     hyperparameters of (``datamodule_hyper_parameters``), rebuilt as training built them."""
     data = InstructionDataModule(**dict(hparams))
     data.setup("validate")
-    batches = []
-    for batch in data.val_dataloader():
-        batches.append(batch)
-        if len(batches) == count:
-            break
-    return heldout_batches(batches)
+    return heldout_batches(list(itertools.islice(data.val_dataloader(), count)))

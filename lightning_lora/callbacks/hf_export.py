@@ -5,6 +5,7 @@ This callback decides *when* and *on which ranks*; :mod:`lightning_lora.export` 
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -287,14 +288,7 @@ def _validation_batches(trainer: L.Trainer, count: int) -> list[Any]:
             datamodule = trainer.datamodule
             loaders = datamodule.val_dataloader() if datamodule is not None else None
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        if loader is None:
-            return []
-        batches = []
-        for batch in loader:
-            batches.append(batch)
-            if len(batches) == count:
-                break
-        return batches
+        return [] if loader is None else list(itertools.islice(loader, count))
     except (AttributeError, TypeError, NotImplementedError):
         return []
 

@@ -30,7 +30,16 @@ import torch.nn.functional as F
 
 from lightning_lora.dtypes import IGNORE_INDEX
 from lightning_lora.errors import ExportError
-from lightning_lora.export.function_check import Side, _capture, _first, _hidden, _logits, _with_hidden, tolerance
+from lightning_lora.export.function_check import (
+    Side,
+    _blocks_loaded,
+    _call_block,
+    _capture,
+    _first,
+    _hidden,
+    _logits,
+    tolerance,
+)
 from lightning_lora.export.quantized import QuantizedBase, QuantizedLinear
 from lightning_lora.export.reference import TrainedModel
 from lightning_lora.export.structure import build_meta_peft_model, merged_meta_model
@@ -53,8 +62,7 @@ def _trained_side(sources: Any, device: torch.device) -> Side:
         raise ExportError(f"{len(quantized.weights) - replaced} of the checkpoint's 4-bit weights name no layer of the base model")
     # Everything but the 4-bit weights: the adapter from the checkpoint, the unquantized layers
     # (embeddings, norms, head) from the base directory.
-    unquantized = QuantizedBase(quantized.frozen, "original", quantized.compute_dtype)
-    reference = TrainedModel(model, sources.trained, unquantized, sources.base)
+    reference = TrainedModel(model, sources.trained, quantized.view("original"), sources.base)
     return Side("trained", model, lambda name: reference.value(name) if name in reference.shapes else None, device)
 
 
@@ -72,23 +80,15 @@ def _run(trained: Side, export: Side, inputs: dict[str, torch.Tensor], per_block
     theirs = _hidden(export_calls.args[0], export_calls.kwargs[0])
     structure: Any = None
     for index, (trained_block, export_block) in enumerate(zip(trained.blocks, export.blocks)):
-        trained.loader.load(trained_block)
-        export.loader.load(export_block)
-        try:
-            args, kwargs = _with_hidden(trained_calls.args[index], trained_calls.kwargs[index], mine)
-            out = trained_block(*args, **kwargs)
-            args, kwargs = _with_hidden(export_calls.args[index], export_calls.kwargs[index], theirs)
-            own = _first(export_block(*args, **kwargs))
+        with _blocks_loaded((trained, trained_block), (export, export_block)):
+            out = _call_block(trained_block, trained_calls, index, mine)
+            own = _first(_call_block(export_block, export_calls, index, theirs))
             if per_block is not None:
-                args, kwargs = _with_hidden(export_calls.args[index], export_calls.kwargs[index], mine)
-                alone = _first(export_block(*args, **kwargs))
+                alone = _first(_call_block(export_block, export_calls, index, mine))
                 change = (_first(out) - mine).abs().max().item()
                 diff = (alone.float() - _first(out).float()).abs().max().item()
                 per_block.append({"block": f"{export.block_path}.{index}", "max_abs_diff": diff, "scale": change,
                                   "relative": diff / max(change, 1e-30), "hidden_size": mine.shape[-1]})
-        finally:
-            trained.loader.release(trained_block)
-            export.loader.release(export_block)
         structure, mine, theirs = out, _first(out), own
     trained.loader.release()
     export.loader.release()

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +137,24 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _call_block(block: torch.nn.Module, calls: _Calls, index: int, hidden: torch.Tensor) -> Any:
+    """Block ``index`` on ``hidden``, with everything else it was called with in ``calls``."""
+    args, kwargs = _with_hidden(calls.args[index], calls.kwargs[index], hidden)
+    return block(*args, **kwargs)
+
+
+@contextmanager
+def _blocks_loaded(*pairs: tuple[Side, torch.nn.Module]) -> Iterator[None]:
+    """Each side's block loaded for the duration, released (storage kept for the next) after."""
+    for side, block in pairs:
+        side.loader.load(block)
+    try:
+        yield
+    finally:
+        for side, block in pairs:
+            side.loader.release(block)
+
+
 @torch.no_grad()
 def _run_with_stubs(side: Side, stub: Callable[..., Any], **inputs: Any) -> Any:
     """The side's forward with every block's forward replaced by ``stub(index, *args, **kwargs)``."""
@@ -225,16 +244,9 @@ def check_function(reference: Side, merged: Side, probes: torch.Tensor, dtype: t
     count = len(reference.blocks)
     for index in range(count):
         ref_block, merged_block = reference.blocks[index], merged.blocks[index]
-        reference.loader.load(ref_block)
-        merged.loader.load(merged_block)
-        try:
-            args, kwargs = _with_hidden(ref_calls.args[index], ref_calls.kwargs[index], hidden)
-            out = ref_block(*args, **kwargs)
-            args, kwargs = _with_hidden(merged_calls.args[index], merged_calls.kwargs[index], hidden)
-            out_merged = merged_block(*args, **kwargs)
-        finally:
-            reference.loader.release(ref_block)
-            merged.loader.release(merged_block)
+        with _blocks_loaded((reference, ref_block), (merged, merged_block)):
+            out = _call_block(ref_block, ref_calls, index, hidden)
+            out_merged = _call_block(merged_block, merged_calls, index, hidden)
         structure = out
         update = (_first(out) - hidden).abs().max().item()
         if not _compare(report, f"block {index} ({merged.block_path}.{index})", _first(out_merged), _first(out), update, dtype, size):

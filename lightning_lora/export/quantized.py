@@ -16,6 +16,7 @@ the drift measurement (:mod:`~lightning_lora.export.drift`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -181,10 +182,16 @@ class QuantizedBase(Mapping[str, torch.Tensor]):
             owner = key.split(_MARK)[0] if _MARK in key else key.rsplit(".", 1)[0]
             if owner in self._parts:
                 self._parts[owner].append(key)
-        self._hidden = {part for parts in self._parts.values() for part in parts}
-        if merge_base == "original":
-            self._hidden |= set(self.weights)
+        self._state_keys = {part for parts in self._parts.values() for part in parts}
+        self._hidden = self._state_keys | (set(self.weights) if merge_base == "original" else set())
         self.transposed: set[str] = set()
+
+    def view(self, merge_base: str) -> QuantizedBase:
+        """The same checkpoint for another merge base: its parsing and orientation are shared."""
+        other = copy.copy(self)
+        other.merge_base = merge_base
+        other._hidden = self._state_keys | (set(self.weights) if merge_base == "original" else set())
+        return other
 
     def orient(self, model: torch.nn.Module) -> None:
         """Match each 4-bit weight to the layout of the (meta) ``model``'s layer: transformers loads a
@@ -206,13 +213,13 @@ class QuantizedBase(Mapping[str, torch.Tensor]):
                                   "--base-model is not the model this run trained")
 
     @staticmethod
-    def wrap(frozen: Mapping[str, torch.Tensor], merge_base: str, quantization: dict[str, Any] | None) -> Mapping[str, torch.Tensor]:
-        """``frozen`` itself when it holds no 4-bit weight, else the view of it for ``merge_base``."""
+    def read(frozen: Mapping[str, torch.Tensor], quantization: dict[str, Any] | None) -> QuantizedBase | None:
+        """The checkpoint's frozen weights with their 4-bit ones dequantized, or ``None`` if it holds none."""
         if not _quantized_weights(frozen):
-            return frozen
+            return None
         _needs_bitsandbytes("a checkpoint of a 4-bit base")
         compute = DTYPES[(quantization or {}).get("compute_dtype", "fp32")]
-        return QuantizedBase(frozen, merge_base, compute)
+        return QuantizedBase(frozen, "dequantized", compute)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in self._hidden:

@@ -121,19 +121,18 @@ def read_sources(checkpoint: str | Path | TrainedCheckpoint, options: ExportOpti
     except ValueError as err:  # a recorded vocabulary smaller than the base's, a config PEFT refuses
         raise ExportError(f"--base-model={base_name!r} and the LoRA config do not fit the run: {err}") from err
     trained = trained_by_model_key(peft_model, checkpoint)
-    stored = checkpoint.frozen_tensors(set(trained))
-    frozen = QuantizedBase.wrap(stored, options.merge_base, checkpoint.quantization)
+    frozen = checkpoint.frozen_tensors(set(trained))
+    quantized = QuantizedBase.read(frozen, checkpoint.quantization)
+    if quantized is not None:
+        quantized.orient(peft_model)
+        frozen = quantized.view(options.merge_base)
     rewritten = _rewritten(peft_model, frozen, config, options.frozen_from_checkpoint, checkpoint.source)
     description = f"checkpoint {checkpoint.source!r} on --base-model {base_name!r}"
-    quantized, dequantized = None, set()
-    if isinstance(frozen, QuantizedBase):
-        quantized = QuantizedBase.wrap(stored, "dequantized", checkpoint.quantization)
-        frozen.orient(peft_model)
-        quantized.orient(peft_model)
-        if options.merge_base == "dequantized":
-            dequantized = set(frozen.weights)
-            rewritten |= dequantized
-            description += f", merged into its 4-bit ({', '.join(sorted(set(frozen.weights.values())))}) weights dequantized"
+    dequantized: set[str] = set()
+    if quantized is not None and options.merge_base == "dequantized":
+        dequantized = set(quantized.weights)
+        rewritten |= dequantized
+        description += f", merged into its 4-bit ({', '.join(sorted(set(quantized.weights.values())))}) weights dequantized"
     return Sources(checkpoint, base_name, base_path, base, config, peft_model, trained, frozen, rewritten, description,
                    dequantized, quantized)
 
