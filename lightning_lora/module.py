@@ -25,6 +25,7 @@ from lightning_lora.export.quantized import (
     quantized_state,
 )
 from lightning_lora.export.tokens import add_tokens, embedding_names, resize_vocab, tokenizer_files
+from lightning_lora.kernels import LossKind, TrainingKernels
 from lightning_lora.tiny import resolve_model_path
 
 __all__ = ["LoraFinetuneModule"]
@@ -79,6 +80,23 @@ class LoraFinetuneModule(L.LightningModule):
             the mean of the old ones) and, unless ``modules_to_save`` trains the embeddings in
             full, PEFT's trainable tokens train exactly the new rows of the input embeddings and
             of an untied output head.
+        attn_implementation: transformers' attention implementation for the base: ``sdpa``,
+            ``flex_attention`` (packed examples kept apart by a document mask, no dense mask),
+            ``eager``, ``flash_attention_2`` where installed; ``None`` is transformers' default.
+        linear_cross_entropy: how the training loss goes through the output head: ``chunked``
+            computes the logits only where there is a target, a chunk of rows at a time, never the
+            full logits (:mod:`lightning_lora.losses`); ``liger`` is Liger's fused kernel (CUDA);
+            ``auto`` takes Liger's on CUDA when ``liger-kernel`` is installed, else ``chunked``, and
+            the model's own loss where neither applies (a model type not checked, a trained or
+            adapted head, trainable tokens, DeepSpeed ZeRO-3 or FSDP), saying so in the log;
+            ``off`` is the model's own loss. Validation always computes the full logits.
+        liger_kernels: Liger's RMSNorm and SwiGLU kernels on the base's layers; ``auto`` uses them
+            on CUDA when ``liger-kernel`` is installed (a line in the log otherwise).
+        compile_blocks: ``torch.compile`` each decoder block (the first steps pay the compilation).
+        autocast_lora_inputs: under mixed precision (``bf16-mixed``, ``16-mixed``), LoRA layers take
+            their input in the autocast dtype instead of casting it to their fp32 weights' dtype,
+            which autocast undoes for the matrix product: two activation copies less per adapted
+            layer and step, the same values.
     """
 
     def __init__(
@@ -102,6 +120,11 @@ class LoraFinetuneModule(L.LightningModule):
         quantization: Literal["nf4", "fp4"] | None = None,
         double_quantization: bool = True,
         added_tokens: list[str] | None = None,
+        attn_implementation: str | None = None,
+        linear_cross_entropy: LossKind = "auto",
+        liger_kernels: bool | Literal["auto"] = "auto",
+        compile_blocks: bool = False,
+        autocast_lora_inputs: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(r, int) or r < 1:
@@ -126,6 +149,9 @@ class LoraFinetuneModule(L.LightningModule):
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"model.min_lr_ratio={min_lr_ratio!r} must be in [0, 1]")
         check_quantization_settings(quantization, init_lora_weights, use_dora)
+        if attn_implementation is not None and (not isinstance(attn_implementation, str) or not attn_implementation):
+            raise ValueError(f"model.attn_implementation={attn_implementation!r} must be a name such as 'sdpa' or 'flex_attention'")
+        self.training_kernels = TrainingKernels(linear_cross_entropy, liger_kernels, compile_blocks, autocast_lora_inputs)
         # The optimizer is a callable, not a setting the export needs; everything else is kept.
         self.save_hyperparameters(ignore=["optimizer"])
         self.model_name_or_path = model_name_or_path
@@ -149,6 +175,7 @@ class LoraFinetuneModule(L.LightningModule):
         self.quantization = quantization
         self.double_quantization = double_quantization
         self.added_tokens = list(added_tokens or [])
+        self.attn_implementation = attn_implementation
         self.tokenizer: Any = None  # loaded only to add tokens; the data module has its own
         self._tokenizer_record: tuple[int, dict[str, str]] | None = None
         self.model: torch.nn.Module | None = None
@@ -175,6 +202,8 @@ class LoraFinetuneModule(L.LightningModule):
 
         self._check_quantization_strategy()
         base = self._load_base_model()
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.training_kernels.prepare_base(base, device)
         if self.quantization is not None:
             from peft import prepare_model_for_kbit_training
 
@@ -202,6 +231,7 @@ class LoraFinetuneModule(L.LightningModule):
             # Such checkpoints hold only the trainable tensors; on resume the frozen ones come
             # from the base model loaded above.
             self.strict_loading = False
+        self.training_kernels.prepare_model(self.model, device, self._sharding_strategy())
         # from_pretrained returns the model in eval mode, and Lightning keeps the modes it finds,
         # which would silently switch off LoRA dropout during training.
         self.model.train()
@@ -272,12 +302,16 @@ class LoraFinetuneModule(L.LightningModule):
 
         path = resolve_model_path(self.model_name_or_path)
         dtype = parse_dtype(self.dtype_name, "model.dtype") or "auto"
+        loading: dict[str, Any] = {"dtype": dtype}
+        attention = self._attention()
+        if attention is not None:
+            loading["attn_implementation"] = attention
         strategy = self._deepspeed_strategy()
         try:
             if self.quantization is not None:
-                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **self._quantized_loading(path, dtype))
+                return AutoModelForCausalLM.from_pretrained(path, **loading, **self._quantized_loading(path, dtype))
             if strategy is None or not strategy.zero_stage_3:
-                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                return AutoModelForCausalLM.from_pretrained(path, **loading)
             # Lightning runs configure_model inside deepspeed.zero.Init, so every parameter is
             # created partitioned (shape [0] locally) and a plain from_pretrained fails on the
             # shapes. With an HfDeepSpeedConfig alive, transformers loads into the partitions
@@ -287,11 +321,25 @@ class LoraFinetuneModule(L.LightningModule):
 
             ds_config = HfDeepSpeedConfig(strategy.config)  # noqa: F841 (transformers keeps a weak reference)
             try:
-                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                return AutoModelForCausalLM.from_pretrained(path, **loading)
             finally:
                 unset_hf_deepspeed_config()
         except OSError as err:
             raise OSError(f"model.model_name_or_path={self.model_name_or_path!r} could not be loaded: {err}") from err
+        except (ValueError, ImportError) as err:
+            if self.attn_implementation is None or self.attn_implementation not in str(err):
+                raise
+            raise ValueError(f"model.attn_implementation={self.attn_implementation!r} cannot be used: {err}") from err
+
+    def _attention(self) -> str | None:
+        """``attn_implementation``, but sdpa where flex attention would have to train on a CPU: torch
+        has no backward for it there (its forward, for inference, works)."""
+        training_on_cpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cpu"
+        if self.attn_implementation == "flex_attention" and training_on_cpu:
+            rank_zero_info("model.attn_implementation='flex_attention': torch has no flex attention backward on "
+                           "CPU; training with sdpa (the same attention, a dense mask for packed rows)")
+            return "sdpa"
+        return self.attn_implementation
 
     def _quantized_loading(self, path: str, dtype: Any) -> dict[str, Any]:
         """``from_pretrained`` arguments that load the base in 4 bits on this process's device."""
@@ -340,6 +388,22 @@ class LoraFinetuneModule(L.LightningModule):
         if isinstance(init, str) and init != "gaussian":
             raise ValueError(f"model.init_lora_weights={init!r} is not supported with DeepSpeed ZeRO-3; use ZeRO-2 or DDP")
 
+    def _sharding_strategy(self) -> str | None:
+        """The name of the trainer's strategy if it shards the parameters (ZeRO-3, FSDP), else None."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        strategy = self._deepspeed_strategy()
+        if strategy is not None:
+            return "DeepSpeed ZeRO-3" if strategy.zero_stage_3 else None
+        if self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            return type(self.trainer.strategy).__name__
+        return None
+
+    @property
+    def kernels(self) -> dict[str, Any]:
+        """What the training step runs with (attention, loss, Liger, compiled blocks), once configured."""
+        return dict(self.training_kernels.active)
+
     def _deepspeed_strategy(self) -> Any:
         """The trainer's DeepSpeedStrategy, or None (no trainer, or another strategy)."""
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -379,7 +443,7 @@ class LoraFinetuneModule(L.LightningModule):
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        loss = self.training_kernels.loss(self.model, batch)
         self.log("train_loss", loss, prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
@@ -387,7 +451,8 @@ class LoraFinetuneModule(L.LightningModule):
     def _evaluate(self, batch: dict[str, torch.Tensor], loss_metric: MeanMetric, accuracy_metric: MeanMetric) -> None:
         """Accumulate per-token loss and next-token accuracy over the response tokens."""
         # Every input but the labels: a packed batch has position_ids and no attention_mask.
-        logits = self.model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+        with self.training_kernels.lora_inputs_in_autocast_dtype():
+            logits = self.model(**{key: value for key, value in batch.items() if key != "labels"}).logits
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
         if not mask.any():

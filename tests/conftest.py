@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,26 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests need a CUDA device; without one they are reported as skipped, with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on the GPU machine: benchmarks/gpu_session.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def lightning_log(caplog: pytest.LogCaptureFixture):
+    """``rank_zero_info`` logs to ``lightning.pytorch.utilities.rank_zero``; ``lightning.pytorch`` may not propagate."""
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="session")
