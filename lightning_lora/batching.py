@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -24,6 +25,10 @@ __all__ = ["PACKING_MODEL_TYPES", "TrainingBatchSampler", "collate_packed", "cou
 # Length grouping sorts windows of this many batches: enough to find similar lengths, small enough
 # that batch composition still changes from epoch to epoch (Hugging Face's megabatches).
 _BATCHES_PER_WINDOW = 50
+# Random batches under a token budget: their number is the most that any of this many shuffles
+# needs (see TrainingBatchSampler). More make an epoch's own shuffle fit more often, at the price of
+# a few more split batches every epoch.
+_REFERENCE_SHUFFLES = 16
 # Model types whose attention builds the block-diagonal mask of packed rows from ``position_ids``
 # (transformers' ``create_causal_mask``): checked with a tiny random model of each type on
 # transformers 4.56 and 5.24, packed logits equal to those of each example run alone.
@@ -47,17 +52,35 @@ class TrainingBatchSampler(BatchSampler):
     Every epoch the examples are shuffled (seeded by ``seed`` and the epoch, the same on every
     rank), grouped into batches, the batch order is shuffled, and the batches are dealt to the
     ranks in turn, so ranks train disjoint examples. Lengths are compared after padding (rounded
-    up to ``pad_to_multiple_of``): examples that pad to the same length cost the same, so among
-    them the company stays random, which keeps batches as varied as the padding allows.
+    up to ``pad_to_multiple_of``; a packed token budget takes them as they are): examples that pad
+    to the same length cost the same, so among them the company stays random, which keeps batches
+    as varied as the padding allows.
 
     - Fixed size (``max_tokens=None``): the shuffled examples are cut into windows of 50 batches;
       with ``group_by_length`` each window is sorted by length before it is cut into batches, so
       a batch holds examples of similar length and little padding.
-    - Token budget: all examples are sorted by length (equal lengths in shuffled order) and each
-      batch takes as many as fit in ``max_tokens`` padded tokens (count times the longest).
-      Batches therefore depend on the lengths only, and their number is the same every epoch,
-      which Lightning's step count and LR schedule rely on; the batch order and which
-      equal-length examples go together change (fairseq's ``batch_by_size``).
+    - Token budget (``max_tokens``): each batch takes examples in turn for as long as the next one
+      fits in ``max_tokens``. A padded batch costs its number of examples times its longest padded
+      example (the tensor the model gets); a ``packed`` one the sum of its examples' lengths (the
+      tokens its rows hold: packing removes the padding, so count times the longest would make
+      packed batches needlessly small). The rows add only the padding packing cannot avoid: no two
+      rows are both half full or less (:func:`collate_packed`), so a batch has fewer than
+      ``2 * max_tokens / row_length + 1`` rows.
+
+      - With ``group_by_length`` the examples are taken sorted by cost (equal costs in shuffled
+        order). Batches then depend on the lengths only and their number is the same every epoch;
+        the batch order and which equal-cost examples go together change (fairseq's
+        ``batch_by_size``).
+      - Without, in the shuffled order: every batch is a random draw of examples. Padded random
+        batches hold much padding; packed ones little. The number of batches a shuffle needs
+        varies slightly with the order, but Lightning reads ``len()`` once, at the start of fit
+        (before any ``set_epoch``), for its step count and LR schedule, and ends every epoch after
+        that many batches; so the number is fixed: the most that any of 16 reference shuffles
+        (seeded by ``seed`` alone) needs. An epoch whose own shuffle needs fewer has its largest
+        batches split in two until it has that many. One whose shuffle needs more (probability at
+        most 1/17: the 17 shuffles are alike) is batched from one of the reference shuffles,
+        drawn by the epoch, instead: every example still once, in a random but not new
+        composition.
 
     Every rank must get the same number of batches, or the ranks that finish first would wait
     forever in the next gradient all-reduce. When the batch count is not a multiple of the number
@@ -77,11 +100,13 @@ class TrainingBatchSampler(BatchSampler):
             (``rank``) and the epoch.
         batch_size: examples per batch (ignored with ``max_tokens``).
         lengths: the length in tokens of every example.
-        max_tokens: the token budget of a batch instead of a fixed size; at least the padded
-            length of the longest example.
-        group_by_length: batch examples of similar length together (always, with ``max_tokens``).
+        max_tokens: the token budget of a batch instead of a fixed size; at least the cost of the
+            longest example (its padded length, or its length when ``packed``).
+        group_by_length: batch examples of similar length together.
         pad_to_multiple_of: the padding of the collate function.
         seed: seed of the shuffles.
+        packed: the collate function packs each batch (:func:`collate_packed`), so a batch costs
+            the sum of its examples' lengths in ``max_tokens``, not count times the longest.
     """
 
     def __init__(
@@ -93,13 +118,20 @@ class TrainingBatchSampler(BatchSampler):
         group_by_length: bool = True,
         pad_to_multiple_of: int = 8,
         seed: int = 0,
+        packed: bool = False,
     ) -> None:
         super().__init__(sampler, batch_size, drop_last=False)
         self.lengths = [padded(n, pad_to_multiple_of) for n in lengths]
-        if max_tokens is not None and max_tokens < max(self.lengths, default=0):
-            raise ValueError(f"max_tokens={max_tokens} is less than the padded length of the longest example")
+        # What an example costs in the budget: packed rows hold its tokens, a padded batch its padded length.
+        self.sizes = list(lengths) if packed else self.lengths
+        if max_tokens is not None and max_tokens < max(self.sizes, default=0):
+            raise ValueError(
+                f"max_tokens={max_tokens} is less than the {'' if packed else 'padded '}length of the "
+                f"longest example ({max(self.sizes)})"
+            )
         self.max_tokens = max_tokens
         self.group_by_length = group_by_length
+        self.packed = packed
         self.seed = seed
 
     def batches(self, epoch: int) -> list[list[int]]:
@@ -107,12 +139,18 @@ class TrainingBatchSampler(BatchSampler):
         rng = random.Random(f"{self.seed}:{epoch}")
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
+        at_least = 0
         if self.max_tokens is None:
             batches = self._fixed_size(order)
-        else:
-            order.sort(key=self.lengths.__getitem__)  # stable: equal lengths stay shuffled
+        elif self.group_by_length:
+            order.sort(key=self.sizes.__getitem__)  # stable: equal costs stay shuffled
             batches = self._token_budget(order)
-        batches = _even_out(batches, self.sampler.num_replicas)
+        else:
+            batches = self._token_budget(order)
+            at_least = self._random_budget_count
+            if len(batches) > at_least:
+                batches = self._token_budget(self._reference_order(rng.randrange(_REFERENCE_SHUFFLES)))
+        batches = _even_out(batches, self.sampler.num_replicas, at_least)
         rng.shuffle(batches)
         return batches[self.sampler.rank :: self.sampler.num_replicas]
 
@@ -126,16 +164,32 @@ class TrainingBatchSampler(BatchSampler):
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         return batches
 
-    def _token_budget(self, ascending: list[int]) -> list[list[int]]:
+    def _token_budget(self, order: list[int]) -> list[list[int]]:
+        """The examples of ``order``, in turn, into batches that each end before the example that
+        would exceed ``max_tokens``."""
         batches: list[list[int]] = []
         batch: list[int] = []
-        for index in ascending:
-            # Ascending order: the new example is the longest, so it sets the batch's padded length.
-            if batch and (len(batch) + 1) * self.lengths[index] > self.max_tokens:
+        longest = total = 0
+        for index in order:
+            size = self.sizes[index]
+            cost = total + size if self.packed else (len(batch) + 1) * max(longest, size)
+            if batch and cost > self.max_tokens:
                 batches.append(batch)
-                batch = []
+                batch, longest, total = [], 0, 0
             batch.append(index)
+            longest, total = max(longest, size), total + size
         return batches + [batch] if batch else batches
+
+    def _reference_order(self, number: int) -> list[int]:
+        """Reference shuffle ``number``, seeded by ``seed`` alone (see the class docstring)."""
+        order = list(range(len(self.lengths)))
+        random.Random(f"{self.seed}:reference:{number}").shuffle(order)
+        return order
+
+    @cached_property
+    def _random_budget_count(self) -> int:
+        """The number of random budgeted batches of every epoch, before evening out across ranks."""
+        return max(len(self._token_budget(self._reference_order(n))) for n in range(_REFERENCE_SHUFFLES))
 
     @override
     def __iter__(self) -> Iterator[list[int]]:
@@ -148,12 +202,13 @@ class TrainingBatchSampler(BatchSampler):
         return len(self.batches(self.sampler.epoch))
 
 
-def _even_out(batches: list[list[int]], replicas: int) -> list[list[int]]:
-    """Make the number of batches a multiple of ``replicas`` (see :class:`TrainingBatchSampler`)."""
-    while len(batches) % replicas:
+def _even_out(batches: list[list[int]], replicas: int, at_least: int = 0) -> list[list[int]]:
+    """Split the largest batches until there are ``at_least`` and a multiple of ``replicas`` (see
+    :class:`TrainingBatchSampler`)."""
+    while len(batches) < at_least or len(batches) % replicas:
         i = max(range(len(batches)), key=lambda j: len(batches[j]))
         if len(batches[i]) == 1:
-            missing = replicas - len(batches) % replicas
+            missing = padded(max(len(batches), at_least), replicas) - len(batches)
             return batches + [batches[j % len(batches)] for j in range(missing)]
         half = len(batches[i]) // 2
         batches[i : i + 1] = [batches[i][:half], batches[i][half:]]

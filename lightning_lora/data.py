@@ -156,28 +156,35 @@ class InstructionDataModule(L.LightningDataModule):
         max_length: examples longer than this many tokens are cut (the count is logged).
         batch_size: examples per batch and device (``max_tokens_per_batch`` replaces it for training).
         group_by_length: batch training examples of similar length together, so that batches need
-            little padding. The examples are shuffled, sorted by padded length within windows of
-            50 batches, and the batches are shuffled, every epoch anew (seeded by ``seed`` and the
-            epoch). Off by default: batches of one length train worse than random ones (measured
-            on benchmarks/train_throughput.py: 9-25 % higher held-out loss after the same steps),
-            and packing removes the padding without changing the batches. Every rank gets the same
-            number of batches of disjoint examples either way. Validation batches keep the file order.
+            little padding. The examples are shuffled, sorted by (padded) length within windows of
+            50 batches (with ``max_tokens_per_batch``: all of them), and the batches are shuffled,
+            every epoch anew (seeded by ``seed`` and the epoch). Off by default: batches of one
+            length train worse than random ones (measured on benchmarks/train_throughput.py: 9-25 %
+            higher held-out loss after the same steps), and packing removes the padding without
+            changing the batches. Every rank gets the same number of batches of disjoint examples
+            either way. Validation batches keep the file order.
         max_tokens_per_batch: a token budget per batch and device instead of ``batch_size``: each
-            training batch holds as many examples of similar length as fit in this many padded
-            tokens (examples times the longest, rounded up to ``pad_to_multiple_of``); batches of
-            short examples are large, of long ones small. Must be at least ``max_length`` (rounded
-            up to ``pad_to_multiple_of``), so every example fits. Needs ``group_by_length``.
-            When the number of batches is not a multiple of the number of ranks, the largest
-            batches are split in two, so no example is dropped or repeated.
+            training batch takes examples in turn, random ones or, with ``group_by_length``,
+            ascending lengths, while they fit in this many tokens. A packed batch (``packing``)
+            counts the tokens of its examples, so with ``max_length=4096`` and a budget of 16384
+            each device's batch holds about 16k tokens of random examples in rows of 4096; a padded batch
+            counts examples times the longest, rounded up to ``pad_to_multiple_of`` (random padded
+            batches hold much padding: pack or group them). Must be at least ``max_length`` (rounded
+            up to ``pad_to_multiple_of``), so every example fits. The number of batches is the
+            same every epoch (Lightning counts the steps once): random batches are split or drawn
+            as ``lightning_lora.batching.TrainingBatchSampler`` says, and when the number is not a
+            multiple of the number of ranks the largest batches are split in two, so no example
+            is dropped or repeated.
         packing: pack each training batch's examples into as few rows of ``max_length`` tokens
             as possible, without padding between them. The batch holds the same examples as
-            without packing and each example attends only to itself (``position_ids`` restart
-            per example, no ``attention_mask``), so the loss is the same and only the padding
-            goes. Needs a model type whose attention supports it (Llama, Mistral, Qwen2/3,
-            Gemma, Phi, GPT-2 and others: see ``lightning_lora.batching.PACKING_MODEL_TYPES``),
-            read from the ``config.json`` beside ``tokenizer``. ``auto`` (the default) packs when
-            the model type supports it and pads otherwise; ``true`` fails for other types.
-            Validation batches are not packed.
+            without packing (except that ``max_tokens_per_batch`` then counts real tokens, so more
+            fit) and each example attends only to itself (``position_ids`` restart per example,
+            no ``attention_mask``), so the loss is the same and only the padding goes. Needs a
+            model type whose attention supports it (Llama, Mistral, Qwen2/3, Gemma, Phi, GPT-2
+            and others: see ``lightning_lora.batching.PACKING_MODEL_TYPES``), read from the
+            ``config.json`` beside ``tokenizer``. ``auto`` (the default) packs when the model
+            type supports it and pads otherwise; ``true`` fails for other types. Validation
+            batches are not packed.
         token_weighted_loss: every response token of an epoch weighs the same in training: a batch's
             summed token loss is divided by the mean number of loss tokens per batch over the epoch
             (Hugging Face's ``num_items_in_batch``), not by its own count. Off by default: with
@@ -233,18 +240,12 @@ class InstructionDataModule(L.LightningDataModule):
         for name, value in (("max_length", max_length), ("batch_size", batch_size), ("pad_to_multiple_of", pad_to_multiple_of)):
             if value < 1:
                 raise ValueError(f"data.{name}={value!r} must be >= 1")
-        if max_tokens_per_batch is not None:
-            if max_tokens_per_batch < padded(max_length, pad_to_multiple_of):
-                raise ValueError(
-                    f"data.max_tokens_per_batch={max_tokens_per_batch!r} must be at least data.max_length="
-                    f"{max_length} rounded up to data.pad_to_multiple_of={pad_to_multiple_of}, so that the "
-                    "longest example fits in a batch"
-                )
-            if not group_by_length:
-                raise ValueError(
-                    f"data.max_tokens_per_batch={max_tokens_per_batch!r} needs data.group_by_length=true: "
-                    "a token budget fills batches with examples of similar length"
-                )
+        if max_tokens_per_batch is not None and max_tokens_per_batch < padded(max_length, pad_to_multiple_of):
+            raise ValueError(
+                f"data.max_tokens_per_batch={max_tokens_per_batch!r} must be at least data.max_length="
+                f"{max_length} rounded up to data.pad_to_multiple_of={pad_to_multiple_of}, so that the "
+                "longest example fits in a batch"
+            )
         self.save_hyperparameters()
         self.data_path = data_path
         self.tokenizer_name = tokenizer
@@ -408,6 +409,7 @@ class InstructionDataModule(L.LightningDataModule):
             group_by_length=self.group_by_length,
             pad_to_multiple_of=self.pad_to_multiple_of,
             seed=self.seed,
+            packed=self.pack,  # decided in setup, which runs before this hook
         )
         # Every rank has the same number of batches; each token is a loss target except the first
         # of an example (nothing predicts it) and the masked prompt.

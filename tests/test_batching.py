@@ -95,10 +95,14 @@ def test_grouping_by_length_cuts_padding_against_random_batches(tmp_path: Path, 
     assert grouped_padding < 0.25 * random_padding, (grouped_padding, random_padding)
 
 
+RANDOM_BUDGET = {"max_tokens_per_batch": 256, "group_by_length": False}
+
+
 @pytest.mark.parametrize(
     "kwargs",
-    [{"batch_size": 4}, {"batch_size": 4, "group_by_length": False}, {"max_tokens_per_batch": 256}],
-    ids=["grouped", "random", "token-budget"],
+    [{"batch_size": 4}, {"batch_size": 4, "group_by_length": False}, {"max_tokens_per_batch": 256},
+     RANDOM_BUDGET, {**RANDOM_BUDGET, "packing": True}],
+    ids=["grouped", "random", "token-budget", "random-token-budget", "packed-random-token-budget"],
 )
 def test_each_epoch_trains_every_example_once_in_a_new_reproducible_order(
     tmp_path: Path, llama_base: Path, kwargs: dict[str, Any]
@@ -120,7 +124,11 @@ def test_each_epoch_trains_every_example_once_in_a_new_reproducible_order(
 
 
 @pytest.mark.parametrize("replicas", [2, 3])
-@pytest.mark.parametrize("kwargs", [{"batch_size": 4}, {"max_tokens_per_batch": 200}], ids=["grouped", "token-budget"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"batch_size": 4}, {"max_tokens_per_batch": 200}, RANDOM_BUDGET, {**RANDOM_BUDGET, "packing": True}],
+    ids=["grouped", "token-budget", "random-token-budget", "packed-random-token-budget"],
+)
 def test_ranks_get_disjoint_examples_covering_all_in_equally_many_batches(
     tmp_path: Path, llama_base: Path, replicas: int, kwargs: dict[str, Any]
 ) -> None:
@@ -133,21 +141,26 @@ def test_ranks_get_disjoint_examples_covering_all_in_equally_many_batches(
         assert sorted(seen) == list(range(len(rows)))  # disjoint and complete: nothing repeated or dropped
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     lengths=st.lists(st.integers(2, 64), min_size=1, max_size=80),
     replicas=st.integers(1, 4),
     batch_size=st.integers(1, 9),
     budget=st.one_of(st.none(), st.integers(64, 300)),
+    group_by_length=st.booleans(),
+    packed=st.booleans(),
     epoch=st.integers(0, 5),
 )
 def test_sampler_shares_are_equal_disjoint_and_within_budget(
-    lengths: list[int], replicas: int, batch_size: int, budget: int | None, epoch: int
+    lengths: list[int], replicas: int, batch_size: int, budget: int | None, group_by_length: bool, packed: bool,
+    epoch: int,
 ) -> None:
     shares = []
     for rank in range(replicas):
         ranks = DistributedSampler(lengths, num_replicas=replicas, rank=rank)
-        sampler = TrainingBatchSampler(ranks, batch_size, lengths, max_tokens=budget, seed=1, pad_to_multiple_of=8)
+        sampler = TrainingBatchSampler(ranks, batch_size, lengths, max_tokens=budget, group_by_length=group_by_length,
+                                       seed=1, pad_to_multiple_of=8, packed=packed)
+        assert len({len(sampler.batches(e)) for e in (epoch, epoch + 1)}) == 1  # the same number every epoch
         ranks.set_epoch(epoch)
         shares.append(list(sampler))
         assert len(sampler) == len(shares[-1])
@@ -161,6 +174,8 @@ def test_sampler_shares_are_equal_disjoint_and_within_budget(
         assert batch
         if budget is None:
             assert len(batch) <= batch_size
+        elif packed:
+            assert sum(lengths[i] for i in batch) <= budget
         else:
             assert len(batch) * padded(max(lengths[i] for i in batch), 8) <= budget
 
@@ -173,6 +188,124 @@ def test_token_budget_bounds_every_padded_batch(tmp_path: Path, llama_base: Path
     assert max(sizes) >= 4 * min(sizes)  # short examples go many to a batch, long ones few
     real = sum(count_tokens(b)[1] for b in batches)
     assert real == sum(len(e["input_ids"]) for e in dm.train_examples)
+
+
+def batch_cost(dm: InstructionDataModule, batch: dict[str, Any]) -> int:
+    """What a batch costs in the token budget: its real tokens when packed, its padded size otherwise."""
+    total, real = count_tokens(batch)
+    return real if dm.pack else total
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_random_token_budget_batches_are_within_budget_and_new_every_epoch(
+    tmp_path: Path, llama_base: Path, packing: bool, replicas: int
+) -> None:
+    dm = make_dm(tmp_path, llama_base, varied_rows(96), max_tokens_per_batch=384, group_by_length=False,
+                 packing=packing)
+    assert dm.pack == packing
+    epochs = []
+    for epoch in range(3):
+        shares = [epoch_indices(dm, epoch, rank, replicas) for rank in range(replicas)]
+        assert len({len(share) for share in shares}) == 1
+        batches = [batch for share in shares for batch in share]
+        assert sorted(i for batch in batches for i in batch) == list(range(len(dm.train_examples)))
+        for indices in batches:
+            collated = dm.collate_train([dm.train_examples[i] for i in indices])
+            assert ("position_ids" in collated) == packing
+            assert batch_cost(dm, collated) <= 384
+        epochs.append({frozenset(batch) for batch in batches})
+    assert len({len(batches) for batches in epochs}) == 1
+    for a, b in itertools.combinations(epochs, 2):
+        assert len(a & b) <= len(a) // 4, len(a & b)  # few batches recur in another epoch
+
+
+def sorted_runs(batches: list[list[int]], costs: list[int]) -> float:
+    """The share of the batches of two or more examples that are runs of the examples sorted by cost:
+    no example of another batch costs strictly more than the batch's cheapest and less than its dearest."""
+    runs = []
+    for batch in batches:
+        if len(batch) < 2:
+            continue
+        low, high = min(costs[i] for i in batch), max(costs[i] for i in batch)
+        inside = set(batch)
+        runs.append(not any(low < cost < high for i, cost in enumerate(costs) if i not in inside))
+    return sum(runs) / len(runs)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_random_token_budget_batches_are_not_sorted_by_length(tmp_path: Path, llama_base: Path, packing: bool) -> None:
+    """A length-sorted fill makes every batch a run of the sorted examples; random batches of
+    several examples (here of 28 to 128 tokens) almost never are one."""
+    rows = varied_rows(240)
+    grouped = make_dm(tmp_path, llama_base, rows, max_tokens_per_batch=512, packing=packing)
+    random_ = make_dm(tmp_path, llama_base, rows, max_tokens_per_batch=512, group_by_length=False, packing=packing)
+    costs = [len(e["input_ids"]) if packing else padded(len(e["input_ids"]), 8) for e in random_.train_examples]
+    assert sorted_runs(epoch_indices(grouped, 0), costs) == 1.0  # the measure sees sorting
+    for epoch in range(2):
+        batches = epoch_indices(random_, epoch)
+        assert len(batches) >= 20
+        assert sorted_runs(batches, costs) < 0.1
+
+
+@pytest.mark.parametrize("group_by_length", [False, True], ids=["random", "grouped"])
+def test_packed_token_budget_counts_the_tokens_the_rows_hold(
+    tmp_path: Path, llama_base: Path, group_by_length: bool
+) -> None:
+    """Packed, a batch costs the sum of its examples' lengths: batches fill up to the budget, which
+    count times the longest would leave far from full."""
+    budget, max_length = 512, 128
+    dm = make_dm(tmp_path, llama_base, varied_rows(96), max_tokens_per_batch=budget, max_length=max_length,
+                 group_by_length=group_by_length, packing=True)
+    assert dm.train_dataloader().batch_sampler.packed
+    for epoch in range(2):
+        batches = epoch_batches(dm, epoch)
+        real = [count_tokens(batch)[1] for batch in batches]
+        assert sum(real) == sum(len(e["input_ids"]) for e in dm.train_examples)
+        assert max(real) <= budget
+        # Filled: a batch ends when the next example (at most max_length) would not fit; only the
+        # last of the fill and the halves of split batches hold less.
+        assert sorted(real)[len(real) // 2] >= budget - max_length, real
+        lengths = [sorted(end - start for _, start, end in packed_segments(batch)) for batch in batches]
+        assert any(len(batch) * batch[-1] > budget for batch in lengths)  # which count times the longest refuses
+        if group_by_length:  # exactly the ascending lengths, cut where the sum would pass the budget
+            expected, batch = [], []
+            for n in sorted(len(e["input_ids"]) for e in dm.train_examples):
+                if sum(batch) + n > budget:
+                    expected.append(batch)
+                    batch = []
+                batch.append(n)
+            assert sorted(lengths) == sorted([*expected, batch])
+
+
+@pytest.mark.parametrize("references", [1, 16])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_random_token_budget_has_the_same_number_of_batches_every_epoch(
+    monkeypatch: pytest.MonkeyPatch, packed: bool, references: int
+) -> None:
+    """The shuffles need different numbers of batches; every epoch has as many as the reference
+    shuffles' most, whether its own shuffle needs fewer (split) or more (a reference shuffle instead:
+    with one reference, about every other epoch)."""
+    from lightning_lora import batching
+
+    monkeypatch.setattr(batching, "_REFERENCE_SHUFFLES", references)
+    rng = random.Random(0)
+    lengths = [rng.choice([3, 20, 50, 90, 150, 200]) + rng.randrange(8) for _ in range(300)]
+    budget = 400
+    ranks = DistributedSampler(lengths, num_replicas=1, rank=0)
+    sampler = TrainingBatchSampler(ranks, 1, lengths, max_tokens=budget, group_by_length=False, seed=2, packed=packed)
+    needed = {len(sampler._token_budget(sampler._reference_order(n))) for n in range(16)}
+    assert len(needed) > 2, needed  # the number of batches depends on the order
+    counts = set()
+    for epoch in range(30):
+        ranks.set_epoch(epoch)
+        batches = list(sampler)
+        counts.add(len(batches))
+        assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+        for batch in batches:
+            sizes = [lengths[i] for i in batch]
+            assert (sum(sizes) if packed else len(sizes) * padded(max(sizes), 8)) <= budget
+    assert counts == {max(len(sampler._token_budget(sampler._reference_order(n))) for n in range(references))}
 
 
 def test_validation_batches_are_not_grouped_or_packed(tmp_path: Path, llama_base: Path) -> None:
@@ -343,7 +476,6 @@ def test_packing_refuses_a_model_type_whose_attention_would_leak(tmp_path: Path,
     [
         ({"max_tokens_per_batch": 64}, "data.max_tokens_per_batch=64"),
         ({"max_tokens_per_batch": 0}, "data.max_tokens_per_batch=0"),
-        ({"max_tokens_per_batch": 512, "group_by_length": False}, "data.max_tokens_per_batch=512 needs data.group_by_length=true"),
     ],
 )
 def test_bad_batching_values_fail_at_construction_naming_key_and_value(

@@ -1,9 +1,11 @@
-"""Packed, token-budget batches under real two-process DDP (about 20 s: two Python processes start).
+"""Packed, token-budget batches, length-grouped and random, under real two-process DDP (about 20 s
+each: two Python processes start).
 
 The in-process tests in ``test_batching.py`` check the sampler's arithmetic; this one checks that
 Lightning, with its own ``DistributedSampler`` injection on, trains each example once per epoch on
 exactly one rank, that both ranks step equally often (no hang on an uneven split), and that the
-epochs differ.
+epochs differ. Random batches also check that Lightning, which counts an epoch's batches once,
+trains all of every epoch's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 from lightning_lora import InstructionDataModule
@@ -22,10 +25,14 @@ from lightning_lora import InstructionDataModule
 SCRIPT = REPO / "tests" / "scripts" / "batching_ddp_run.py"
 
 
-def test_ddp_ranks_train_disjoint_examples_in_equally_many_packed_batches(tmp_path: Path, llama_base: Path) -> None:
+@pytest.mark.parametrize("order", ["grouped", "random"])
+def test_ddp_ranks_train_disjoint_examples_in_equally_many_packed_batches(
+    tmp_path: Path, llama_base: Path, order: str
+) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--base", str(llama_base), "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--base", str(llama_base), "--out", str(tmp_path)]
+        + (["--random"] if order == "random" else []),
         capture_output=True, text=True, timeout=300, env=env, check=False,
     )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

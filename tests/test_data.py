@@ -486,6 +486,21 @@ def test_training_shuffle_is_reproducible_for_a_seed(tmp_path: Path, llama_base:
     assert epochs_a == [_order(b, loader_b) for _ in range(2)]
 
 
+def test_max_tokens_per_batch_without_group_by_length_fills_random_batches(tmp_path: Path, llama_base: Path) -> None:
+    """A token budget needs no length grouping (off by default); the smallest one accepted is
+    max_length rounded up to pad_to_multiple_of (100 -> 104)."""
+    path = write_jsonl(tmp_path / "rows.jsonl", _numbered_rows(40) + _varied_rows())
+    dm = make_dm(path, llama_base, max_length=100, max_tokens_per_batch=104)
+    assert dm.group_by_length is False
+    dm = make_dm(path, llama_base, max_length=100, max_tokens_per_batch=128)
+    loader = dm.train_dataloader()
+    assert (loader.batch_sampler.max_tokens, loader.batch_sampler.group_by_length) == (128, False)
+    batches = list(loader)
+    assert all(batch["input_ids"].numel() <= 128 for batch in batches)
+    assert sorted(_order(dm, batches)) == sorted(e["input_ids"] for e in dm.train_examples)
+    assert len(batches) == len(loader) < len(dm.train_examples)  # several examples to a batch
+
+
 def test_validation_batches_are_not_shuffled(tmp_path: Path, llama_base: Path) -> None:
     dm = make_dm(write_jsonl(tmp_path / "rows.jsonl", _numbered_rows(20)), llama_base, val_split=0.5, batch_size=4)
     unpadded = [
@@ -548,6 +563,8 @@ def test_row_missing_a_field_fails_in_setup_naming_row_field_and_path(
         ({"max_length": 0}, "data.max_length", "0"),
         ({"batch_size": 0}, "data.batch_size", "0"),
         ({"pad_to_multiple_of": 0}, "data.pad_to_multiple_of", "0"),
+        ({"max_tokens_per_batch": 511}, "data.max_tokens_per_batch", "511"),  # below max_length=512
+        ({"max_length": 100, "max_tokens_per_batch": 100}, "data.max_tokens_per_batch", "100"),  # below 104
     ],
 )
 def test_bad_values_fail_at_construction_naming_key_and_value(

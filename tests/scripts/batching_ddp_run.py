@@ -6,7 +6,7 @@ each of its batches (read back from the packed rows), and its training losses.
 
 Example::
 
-    python tests/scripts/batching_ddp_run.py --base BASE --out OUT
+    python tests/scripts/batching_ddp_run.py --base BASE --out OUT [--random]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--random", action="store_true", help="random batches (data.group_by_length=false)")
     args = parser.parse_args()
     out = Path(args.out)
     data_file = out / "train.jsonl"
@@ -55,7 +56,7 @@ def main() -> None:
         rows = [{"text": f"row {i}: " + " ".join(["apple river"] * rng.randrange(1, 12))} for i in range(37)]
         data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = InstructionDataModule(str(data_file), tokenizer=args.base, val_split=0.0, max_length=64,
-                                 max_tokens_per_batch=192, group_by_length=True, packing=True)
+                                 max_tokens_per_batch=192, group_by_length=not args.random, packing=True)
     module = LoraFinetuneModule(args.base, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     record = RecordBatches()
