@@ -10,9 +10,8 @@ the log; only a setting that can never work for this model is an error.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,7 +52,6 @@ class TrainingKernels:
     autocast_lora_inputs: bool = True
     active: dict[str, Any] = field(default_factory=dict)
     _loss: str = "off"
-    _lora_layers: list[torch.nn.Module] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.linear_cross_entropy not in _LOSS_KINDS:
@@ -77,34 +75,18 @@ class TrainingKernels:
         self._loss = self._resolve_loss(model, device, sharded)
         self.active["linear_cross_entropy"] = self._loss
         self.active["compiled_blocks"] = _compile_blocks(model) if self.compile_blocks else 0
-        self._lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if self.autocast_lora_inputs else []
+        if self.autocast_lora_inputs:
+            for layer in model.modules():
+                if isinstance(layer, LoraLayer):
+                    layer.cast_input_dtype_enabled = _CastUnlessAutocast()
         self.active["autocast_lora_inputs"] = self.autocast_lora_inputs
         rank_zero_info("training kernels: " + ", ".join(f"{key}={value}" for key, value in self.active.items()))
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         """The training loss of ``batch`` (with ``labels``), as the model's own loss defines it."""
-        with self.lora_inputs_in_autocast_dtype():
-            if self._loss == "off":
-                return model(**batch).loss
-            return _head_loss(model, batch, self._loss)
-
-    @contextlib.contextmanager
-    def lora_inputs_in_autocast_dtype(self) -> Iterator[None]:
-        """LoRA layers skip PEFT's cast of their input to the adapter's dtype (fp32) while autocast is
-        on: autocast casts it straight back for the matrix product, so the two copies per layer and
-        step change nothing but the time (the values round-trip exactly)."""
-        layers = self._lora_layers
-        device_type = layers[0].lora_A[next(iter(layers[0].lora_A))].weight.device.type if layers else "cpu"
-        if not layers or not torch.is_autocast_enabled(device_type):
-            yield
-            return
-        for layer in layers:
-            layer.cast_input_dtype_enabled = False
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.cast_input_dtype_enabled = True
+        if self._loss == "off":
+            return model(**batch).loss
+        return _head_loss(model, batch, self._loss)
 
     def _resolve_loss(self, model: torch.nn.Module, device: torch.device, sharded: str | None) -> str:
         setting = self.linear_cross_entropy
@@ -124,6 +106,20 @@ class TrainingKernels:
         if setting == "liger":
             rank_zero_info(f"model.linear_cross_entropy='liger': {liger}; the chunked loss instead")
         return "chunked"
+
+
+class _CastUnlessAutocast:
+    """A LoRA layer's ``cast_input_dtype_enabled``, which PEFT reads as a bool before each forward:
+    true (cast the input to the adapter's dtype) unless autocast is on, which casts it straight
+    back for the matrix product; skipping that saves two activation copies per layer and step and
+    changes no value (the round trip through fp32 is exact). Read at call time, so a forward
+    outside autocast still casts, and activation checkpointing recomputes as the forward ran."""
+
+    def __bool__(self) -> bool:
+        return not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
+
+    def __repr__(self) -> str:
+        return "cast unless autocast is on"
 
 
 def _head_loss_unsupported(model: torch.nn.Module, sharded: str | None) -> str | None:

@@ -451,8 +451,7 @@ class LoraFinetuneModule(L.LightningModule):
     def _evaluate(self, batch: dict[str, torch.Tensor], loss_metric: MeanMetric, accuracy_metric: MeanMetric) -> None:
         """Accumulate per-token loss and next-token accuracy over the response tokens."""
         # Every input but the labels: a packed batch has position_ids and no attention_mask.
-        with self.training_kernels.lora_inputs_in_autocast_dtype():
-            logits = self.model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+        logits = self.model(**{key: value for key, value in batch.items() if key != "labels"}).logits
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
         if not mask.any():

@@ -208,23 +208,38 @@ class CountCopies(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_lora_layers_skip_the_input_cast_under_autocast_with_the_same_values(trained_base: Path) -> None:
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_layers_skip_the_input_cast_under_autocast_with_the_same_values(trained_base: Path, checkpointing: bool) -> None:
+    """With activation checkpointing too: the recomputation in the backward pass must see the same
+    dtypes as the forward did (torch checks, and fails the step otherwise)."""
+    from peft.tuners.lora import LoraLayer
+
     batch = first_batch(trained_base)
     outputs, copies = {}, {}
     for skip in (False, True):
-        module = build(trained_base, dtype="bf16", autocast_lora_inputs=skip)
+        module = build(trained_base, dtype="bf16", autocast_lora_inputs=skip, gradient_checkpointing=checkpointing)
+        module.train()
         counter = CountCopies()
         with counter:
             outputs[skip] = loss_and_grads(module, batch, bf16=True)
         copies[skip] = counter.copies
-        layers = module.training_kernels._lora_layers
-        assert all(getattr(layer, "cast_input_dtype_enabled", True) for layer in module.modules())  # restored
+        layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
+        assert all(getattr(layer, "cast_input_dtype_enabled", True) for layer in layers)  # outside autocast: cast
     assert outputs[True][0] == outputs[False][0]
     assert all(torch.equal(outputs[True][1][k], outputs[False][1][k]) for k in outputs[False][1])
     # Each adapted layer casts its bf16 input to fp32 and autocast casts it back: two copies forward
     # (and their gradients' in the backward pass) saved per layer.
     assert len(layers) == 2 * len(PROJECTIONS)
     assert copies[False] - copies[True] >= 2 * len(layers), copies
+
+
+def test_outside_autocast_lora_layers_still_cast_their_input(trained_base: Path) -> None:
+    """A bf16 base with fp32 adapters run without autocast (a user's own generation, say) works as PEFT's does."""
+    batch = first_batch(trained_base)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        logits = [build(trained_base, dtype="bf16", autocast_lora_inputs=skip).model(**inputs).logits for skip in (False, True)]
+    assert torch.equal(*logits)
 
 
 # ---------------------------------------------------------------------------------------------- attention, compile
