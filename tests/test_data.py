@@ -8,9 +8,7 @@ difference.
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -309,16 +307,6 @@ def test_text_rows_train_on_all_tokens(tmp_path: Path, llama_base: Path, tok: An
 
 
 # ---------------------------------------------------------------------------------------------- truncation
-
-
-@pytest.fixture
-def lightning_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """``rank_zero_info`` logs to ``lightning.pytorch.utilities.rank_zero``; ``lightning.pytorch`` may not propagate."""
-    logger = logging.getLogger("lightning.pytorch")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="lightning.pytorch")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_long_examples_are_cut_to_max_length_and_counted(
