@@ -39,6 +39,12 @@ Results go to ``benchmarks/results/train_throughput{,_small}.{json,md}``. See ``
 vocabulary too) in bf16 on 1024 examples, and adds model FLOPs utilisation (MFU) and peak GPU memory;
 results go to ``benchmarks/results/train_throughput_gpu.{json,md}``. ``benchmarks/lora_step_profile.py``
 shows where such a step spends its time.
+
+``--gpu-8b`` (a Llama-3-8B shape) and ``--gpu-packed`` (the Qwen2-0.5B shape) compare the two over a
+fixed number of packed token-budget optimizer steps with identical tokens per step, a timed window
+after warm-up steps, MFU and peak memory; ``--dry-run`` runs that code on the CPU with a tiny shape.
+They live in ``train_steps.py``, which also holds what every mode shares (the data generator, the
+LoRA init, the FLOPs formula from the config).
 """
 
 from __future__ import annotations
@@ -48,7 +54,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -61,6 +66,16 @@ from pathlib import Path
 from typing import Any
 
 from export_memory import load_average, machine, snapshot_code
+from train_steps import (
+    PEAK_BF16,
+    TEMPLATE,
+    _init_lora,
+    _sync,
+    _trainable_sum,
+    instruction_rows,
+    model_flops,
+    versions,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -71,7 +86,6 @@ VARIANTS = ("hf_bs1_ga8", "hf_bs8", "ours", "ours_packed")
 EXTRA_VARIANTS = ("ours_ungrouped", "ours_packed_ungrouped")
 BASELINE = "hf_bs8"
 EFFECTIVE_BATCH = 8
-TEMPLATE = "human_assistant"
 
 SIZES: dict[str, dict[str, Any]] = {
     # A real model's initializer range: the tiny bases' 0.2 (made for hidden size 64) starts this
@@ -87,10 +101,6 @@ SIZES: dict[str, dict[str, Any]] = {
             "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2,
             "vocab_size": 151936, "initializer_range": 0.02, "examples": 1024},
 }
-# Dense bf16 peak of the GPUs MFU is reported for (tensor cores, no sparsity), FLOP/s, by a substring
-# of torch.cuda.get_device_name(); the first match wins. Others: pass --peak-tflops.
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
-             ("A100", 312e12))
 # Total tokens of an example (prompt + response + EOS, BOS included): lognormal, clipped.
 LENGTHS = {"median": 128, "sigma": 0.8, "min": 16, "max": 512}
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
@@ -107,32 +117,10 @@ HELDOUT = 64  # held-out examples (drawn like the training ones) for a loss afte
 # Workers: each runs in its own fresh process, started by the driver below.
 # --------------------------------------------------------------------------------------------
 
-def _word_counts(tokenizer: Any, words: list[str]) -> tuple[dict[str, int], dict[str, int]]:
-    """Tokens of each word at the start of a text and after a space (byte-level BPE: additive)."""
-    first = {w: len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words}
-    later = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in words}
-    return first, later
-
-
-def _words(rng: random.Random, budget: int, vocab: list[str], first: dict[str, int], later: dict[str, int]) -> str:
-    """Random words whose tokenized length (as a text on its own) is about ``budget`` (at least one word)."""
-    out: list[str] = []
-    used = 0
-    while not out or used < budget:
-        word = rng.choice(vocab)
-        cost = (later if out else first)[word]
-        if out and used + cost > budget and budget - used < cost / 2:
-            break
-        out.append(word)
-        used += cost
-    return " ".join(out)
-
-
 def worker_prepare(spec_path: str) -> None:
     """Build the base model and write the synthetic instruction data (``data.jsonl``)."""
     spec = json.loads(Path(spec_path).read_text())
-    from lightning_lora.templates import render_alpaca
-    from lightning_lora.tiny import _WORDS, build_tiny_base
+    from lightning_lora.tiny import build_tiny_base
 
     size = spec["size"]
     keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -143,25 +131,8 @@ def worker_prepare(spec_path: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
-    vocab = list(_WORDS) + [str(i) for i in range(10)]
-    first, later = _word_counts(tokenizer, vocab)
     rng = random.Random(f"train-throughput-{spec['seed']}")
-    rows, drawn = [], []
-    for _ in range(spec["examples"] + HELDOUT):
-        total = min(LENGTHS["max"], max(LENGTHS["min"], round(rng.lognormvariate(math.log(LENGTHS["median"]),
-                                                                                   LENGTHS["sigma"]))))
-        drawn.append(total)
-        # The prompt takes 20-60 % of the tokens; the template and BOS count towards it.
-        prompt_budget = round(total * rng.uniform(0.2, 0.6))
-        overhead = len(tokenizer(render_alpaca("", "", TEMPLATE, tokenizer))["input_ids"])
-        words_budget = max(1, prompt_budget - overhead)
-        instruction_budget = max(1, round(words_budget * rng.uniform(0.3, 1.0)))
-        instruction = _words(rng, instruction_budget, vocab, first, later)
-        input_text = (_words(rng, words_budget - instruction_budget, vocab, first, later)
-                      if words_budget - instruction_budget >= 4 else "")
-        prompt_tokens = len(tokenizer(render_alpaca(instruction, input_text, TEMPLATE, tokenizer))["input_ids"])
-        output = _words(rng, max(1, total - prompt_tokens - 1), vocab, first, later)  # - 1: the EOS
-        rows.append({"instruction": instruction, "input": input_text, "output": output})
+    rows, drawn = instruction_rows(tokenizer, LENGTHS, rng, count=spec["examples"] + HELDOUT)
     for path, part in ((spec["data"], rows[:spec["examples"]]), (spec["heldout"], rows[spec["examples"]:])):
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in part)
@@ -204,32 +175,6 @@ def _digest(examples: list[dict[str, list[int]]]) -> str:
     return digest.hexdigest()
 
 
-def _init_lora(model: Any, seed: int) -> None:
-    """Draw the LoRA matrices from one CPU generator, the same on every side: PEFT's own init draws
-    from the generator of the device the model is built on, and Lightning builds it on the GPU while
-    the HF recipe builds it on the CPU. A like PEFT's default (kaiming uniform, a = sqrt(5): bound
-    1 / sqrt(fan_in)), B = 0."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):  # the same order on both sides
-            if not param.requires_grad:
-                continue
-            if ".lora_A." in name:
-                bound = 1 / math.sqrt(param.shape[1])
-                param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=generator))
-            elif ".lora_B." in name:
-                param.zero_()
-            else:
-                raise SystemExit(f"unexpected trainable parameter {name}")
-
-
-def _trainable_sum(model: Any) -> float:
-    """A fingerprint of the initial trainable (LoRA) weights: equal on every side means equal starts."""
-    return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
-
-
 def _heldout_loss(model: Any, examples: list[dict[str, list[int]]], pad_id: int) -> float:
     """Token-weighted mean loss on the response tokens of ``examples``, the same code for every variant."""
     import torch
@@ -250,40 +195,6 @@ def _heldout_loss(model: Any, examples: list[dict[str, list[int]]], pad_id: int)
             total += float(F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"))
             count += int(mask.sum())
     return total / count
-
-
-def _sync() -> None:
-    """Wait for the GPU's queued work, so that a clock read after it times work done."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _epoch_flops(model: Any, config: dict[str, Any], lengths: list[int]) -> dict[str, float]:
-    """Model FLOPs of one epoch over examples of ``lengths`` (padding and packing excluded).
-
-    Matrix products of the frozen linear layers (the head included): 2 N per token forward and 2 N
-    backward for the input gradients only (LoRA needs no gradient of a frozen weight); the LoRA
-    matrices 6 per parameter and token; causal attention 2 L^2 d forward and twice that backward per
-    example of length L and layer (d: heads x head dim). ``six_n`` counts the frozen weights' gradients
-    too (6 N per token), the convention of full fine-tuning reports, for comparison with those.
-    """
-    import torch
-
-    frozen = lora = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            if ".lora_" in name:
-                lora += module.weight.numel()
-            else:
-                frozen += module.weight.numel()
-    tokens = sum(lengths)
-    heads_dim = config["num_attention_heads"] * config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    attention = 6 * heads_dim * config["num_hidden_layers"] * sum(length * length for length in lengths)
-    return {"frozen_linear_parameters": frozen, "lora_parameters": lora,
-            "epoch_flops": 4 * frozen * tokens + 6 * lora * tokens + attention,
-            "epoch_flops_six_n": 6 * (frozen + lora) * tokens + attention}
 
 
 def worker_train(variant: str, spec_path: str, out_path: str, seed: str) -> None:
@@ -327,7 +238,9 @@ def worker_train(variant: str, spec_path: str, out_path: str, seed: str) -> None
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_bf16_flops"] = spec["peak_flops"] or next((f for key, f in PEAK_BF16 if key in name), None)
     config = json.loads((Path(spec["base"]) / "config.json").read_text())
-    result.update(_epoch_flops(model, config, result["lengths"]))
+    flops = model_flops(config, LORA, result["lengths"])
+    result.update(frozen_linear_parameters=flops["frozen_linear_parameters"], lora_parameters=flops["lora_parameters"],
+                  epoch_flops=flops["flops"], epoch_flops_six_n=flops["flops_six_n"])
     result["heldout_loss"] = _heldout_loss(model, heldout, pad_id)
     result["heldout_examples"] = len(heldout)
     Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
@@ -487,18 +400,6 @@ WORKERS = {"prepare": worker_prepare, "train": worker_train}
 # --------------------------------------------------------------------------------------------
 # The driver.
 # --------------------------------------------------------------------------------------------
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("lightning-lora", "torch", "transformers", "peft", "lightning", "accelerate", "tokenizers"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
-
 
 def run_worker(name: str, args: list[str], env: dict[str, str], logs: Path, tag: str) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
@@ -746,8 +647,8 @@ def markdown(report: dict[str, Any]) -> str:
              "backward's input gradients; no gradient of a frozen weight), 6 per LoRA parameter and token, and "
              "causal attention 6 L^2 d per example and layer. The 6N convention adds the frozen weights' "
              "gradients, which LoRA never computes; it is the number full fine-tuning reports quote."),
-            "- peak GPU memory: `torch.cuda.max_memory_allocated()` in the variant's process (model, activations, "
-            "optimizer state).",
+            ("- peak GPU memory: `torch.cuda.max_memory_allocated()` in the variant's process (model, activations, "
+             "optimizer state)."),
         ]
     lines += ["", "## Targets", "", "| target | value | limit | ratio | met |", "|---|---:|---:|---:|---|"]
     for name, t in report["targets"].items():
@@ -794,7 +695,56 @@ def main() -> None:
     parser.add_argument("--render", action="store_true",
                         help="only rewrite the markdown from the existing results JSON (measures nothing)")
     parser.add_argument("--results", default=str(RESULTS), help="where the JSON and markdown go (default: %(default)s)")
+    steps = parser.add_argument_group(
+        "packed token-budget steps (--gpu-8b, --gpu-packed, --dry-run; train_steps.py, benchmarks/README.md)")
+    steps.add_argument("--gpu-8b", action="store_true",
+                       help="on the CUDA GPU: a Llama-3-8B-shaped model, HF Trainer + PEFT against ours, packed "
+                            "16k-token steps, MFU (results train_throughput_gpu8b.*)")
+    steps.add_argument("--gpu-packed", action="store_true",
+                       help="the same machinery with the Qwen2-0.5B shape of --gpu (results train_throughput_gpu_packed.*)")
+    steps.add_argument("--dry-run", action="store_true",
+                       help="run --gpu-8b (or --gpu-packed) on the CPU with a tiny shape of the same family, all "
+                            "sizes / 16 (results *_dryrun.*)")
+    steps.add_argument("--warmup-steps", type=int, help="optimizer steps before the timed window (default 3)")
+    steps.add_argument("--timed-steps", type=int, help="optimizer steps timed (default 8 --gpu-8b, 16 --gpu-packed)")
+    steps.add_argument("--tokens-per-step", type=int,
+                       help="real tokens per optimizer step, at least on average (default 16384): sets the accumulation")
+    steps.add_argument("--micro-tokens", type=int,
+                       help="InstructionDataModule max_tokens_per_batch of a micro-batch (default 4096 --gpu-8b, "
+                            "16384 --gpu-packed)")
+    steps.add_argument("--max-length", type=int, help="max_length, the packed rows' width (default 4096)")
+    steps.add_argument("--accumulate", type=int, help="micro-batches per optimizer step (default: enough for "
+                                                       "--tokens-per-step on average)")
+    steps.add_argument("--data-factor", type=float, default=3.0,
+                       help="tokens of data drawn, as a multiple of the steps' tokens (default %(default)s)")
+    steps.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on both sides")
+    steps.add_argument("--variant-timeout", type=float, help="seconds each worker may run (default: no limit)")
+    steps.add_argument("--retry-fallback", action="store_true",
+                       help="rerun a crashed side once with safe settings (HF: no Liger; ours: sdpa, no compiled "
+                            "blocks, no Liger), reported as such")
+    steps.add_argument("--hf-attn", default="sdpa", choices=("sdpa", "flex_attention", "eager"),
+                       help="HF side's attn_implementation (default %(default)s)")
+    steps.add_argument("--hf-liger", action=argparse.BooleanOptionalAction, default=True,
+                       help="HF side: use_liger_kernel=True when liger_kernel imports and CUDA is there (default on)")
+    steps.add_argument("--hf-torch-compile", action="store_true", help="HF side: TrainingArguments(torch_compile=True)")
+    steps.add_argument("--attn", default="flex_attention", choices=("flex_attention", "sdpa", "eager", "default"),
+                       help="ours: LoraFinetuneModule(attn_implementation=...); default: transformers' (default %(default)s)")
+    steps.add_argument("--linear-ce", default="auto", choices=("auto", "liger", "chunked", "off"),
+                       help="ours: LoraFinetuneModule(linear_cross_entropy=...) (default %(default)s)")
+    steps.add_argument("--liger", default="auto", choices=("auto", "true", "false"),
+                       help="ours: LoraFinetuneModule(liger_kernels=...) (default %(default)s)")
+    steps.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=True,
+                       help="ours: LoraFinetuneModule(compile_blocks=...) (default on)")
     args = parser.parse_args()
+    if args.gpu_8b or args.gpu_packed or args.dry_run:
+        if args.gpu or args.small or (args.gpu_8b and args.gpu_packed):
+            parser.error("--gpu-8b, --gpu-packed, --gpu and --small exclude each other")
+        import train_steps
+
+        if args.variants == ",".join(VARIANTS):
+            args.variants = None
+        train_steps.run(args, parser)
+        return
     if args.gpu and args.small:
         parser.error("--gpu and --small exclude each other")
     size_name = "gpu" if args.gpu else "small" if args.small else "full"
