@@ -5,7 +5,8 @@ One command, on a machine with a CUDA GPU::
     python benchmarks/gpu_checks.py [--devices N] [--checks zero3,fsdp]
 
 Each check trains the quickstart run (``configs/quickstart.yaml``: the built-in tiny Llama, LoRA on
-all linear layers, HFExport when fit ends) through the ``lightning-lora fit`` command with a
+all linear layers, HFExport when fit ends) through ``python -m lightning_lora fit`` (the
+``lightning-lora fit`` command; the module form needs no installed script) with a
 strategy preset from ``configs/strategies/`` on top, as a user would, in its own process. Then,
 independently of the export's own verification, it loads the base with PEFT's
 ``PeftModel.from_pretrained(adapter)`` and the merged directory with ``from_pretrained`` and
@@ -63,7 +64,7 @@ def run_config(work: Path) -> Path:
 
 def fit(name: str, work: Path, devices: int, cpu: bool) -> dict[str, Any]:
     config = run_config(work)
-    command = ["lightning-lora", "fit", "--config", str(config), "--config", str(REPO / "configs/strategies" / PRESETS[name]),
+    command = [sys.executable, "-m", "lightning_lora", "fit", "--config", str(config), "--config", str(REPO / "configs/strategies" / PRESETS[name]),
                "--trainer.devices", str(devices)]
     if cpu:
         command += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
@@ -100,9 +101,10 @@ def compare(export: Path) -> dict[str, Any]:
     scale = adapter_logits[mask].abs().max().item()
     diff = (merged_logits - adapter_logits)[mask].abs().max().item()
     trained = (adapter_logits - base_logits)[mask].abs().max().item()
+    verified = (record.get("verification") or {}).get("passed") is True
     return {"max_abs_logit_diff_merged_vs_adapter": diff, "logit_scale": scale, "tolerance": TOLERANCE * scale,
-            "max_abs_logit_diff_adapter_vs_base": trained, "export_verification": record.get("verification", {}).get("status"),
-            "passed": diff <= TOLERANCE * scale and trained > 100 * TOLERANCE * scale}
+            "max_abs_logit_diff_adapter_vs_base": trained, "export_verification": "passed" if verified else "not passed",
+            "passed": verified and diff <= TOLERANCE * scale and trained > 100 * TOLERANCE * scale}
 
 
 def versions() -> dict[str, Any]:

@@ -34,7 +34,8 @@ FUSED_LOSS_MODEL_TYPES = frozenset({"gemma", "gpt2", "llama", "mistral", "olmo2"
 
 @dataclass
 class TrainingKernels:
-    """What a module's training step runs, decided by :meth:`setup` from the module's settings.
+    """What a module's training step runs: the module's settings, and what :meth:`prepare_base` and
+    :meth:`prepare_model` made of them where it trains (``active``, also logged).
 
     Args:
         linear_cross_entropy: ``auto`` (Liger's fused kernel on CUDA when ``liger-kernel`` is
@@ -50,8 +51,8 @@ class TrainingKernels:
     liger_kernels: bool | Literal["auto"] = "auto"
     compile_blocks: bool = False
     autocast_lora_inputs: bool = True
-    active: dict[str, Any] = field(default_factory=dict)
-    _loss: str = "off"
+    active: dict[str, Any] = field(default_factory=dict, init=False)
+    _loss: str = field(default="off", init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.linear_cross_entropy not in _LOSS_KINDS:
@@ -65,7 +66,7 @@ class TrainingKernels:
         self.active["liger_kernels"] = _apply_liger(base, self.liger_kernels, device)
 
     def prepare_model(self, model: torch.nn.Module, device: torch.device, sharded: str | None) -> None:
-        """Decide the loss, compile the blocks and find the LoRA layers of the PEFT ``model``.
+        """Decide the loss, compile the blocks and set the input casts of the PEFT ``model``'s LoRA layers.
 
         ``sharded`` names the strategy when it shards parameters (ZeRO-3, FSDP): they are gathered by
         the hooks of the modules that own them, which the chunked loss bypasses for the head.
