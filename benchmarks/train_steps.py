@@ -309,8 +309,8 @@ def worker_prepare(spec_path: str) -> None:
     examples = dm.train_examples
     batches = [list(b) for b in dm.train_dataloader().batch_sampler]
     fills = [sum(len(examples[i]["input_ids"]) for i in b) for b in batches]
-    accumulate = spec["accumulate"] or max(1, math.ceil(spec["tokens_per_step"] / statistics.fmean(fills)))
     steps = spec["warmup_steps"] + spec["timed_steps"]
+    accumulate = spec["accumulate"] or _least_accumulation(fills, steps, spec["tokens_per_step"])
     if len(batches) < steps * accumulate:
         raise SystemExit(f"the data gives {len(batches)} micro-batches, {steps} steps x {accumulate} need more: "
                          "raise --data-factor")
@@ -845,13 +845,25 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def _least_accumulation(fills: list[int], steps: int, tokens_per_step: int) -> int:
+    """The fewest micro-batches per optimizer step that give every one of the first ``steps`` steps at
+    least ``tokens_per_step`` real tokens (micro-batches taken in order; ``fills``: their tokens)."""
+    accumulate = max(1, math.ceil(tokens_per_step / statistics.fmean(fills)))
+    while (steps + 1) * accumulate <= len(fills):
+        if min(sum(fills[s * accumulate:(s + 1) * accumulate]) for s in range(steps)) >= tokens_per_step:
+            return accumulate
+        accumulate += 1
+    return accumulate  # the data runs out first: the caller says to raise --data-factor
+
+
 def _targets(report: dict[str, Any]) -> dict[str, Any]:
     mode = MODES[report["spec"]["mode"]]
     hf, ours = report["summary"].get("hf"), report["summary"].get("ours")
     out: dict[str, Any] = {}
     mean_tokens, wanted = report["window"]["tokens_per_step"]["mean"], report["spec"]["tokens_per_step"]
-    out[f"mean non-padding tokens per optimizer step >= {wanted}"] = {
-        "value": f"{mean_tokens:.0f} (min {report['window']['tokens_per_step']['min']})", "met": mean_tokens >= wanted}
+    least = report["window"]["tokens_per_step"]["min"]
+    out[f"non-padding tokens of every optimizer step >= {wanted}"] = {
+        "value": f"{least} (mean {mean_tokens:.0f})", "met": least >= wanted}
     if ours and ours.get("mfu") is not None:
         out[f"ours MFU >= {mode['mfu_target']:.0%}"] = {"value": _percent(ours["mfu"]),
                                                         "met": ours["mfu"] >= mode["mfu_target"]}

@@ -713,8 +713,8 @@ def main() -> None:
                        help="InstructionDataModule max_tokens_per_batch of a micro-batch (default 4096 --gpu-8b, "
                             "16384 --gpu-packed)")
     steps.add_argument("--max-length", type=int, help="max_length, the packed rows' width (default 4096)")
-    steps.add_argument("--accumulate", type=int, help="micro-batches per optimizer step (default: enough for "
-                                                       "--tokens-per-step on average)")
+    steps.add_argument("--accumulate", type=int, help="micro-batches per optimizer step (default: the fewest "
+                                                       "that give every step --tokens-per-step)")
     steps.add_argument("--data-factor", type=float, default=3.0,
                        help="tokens of data drawn, as a multiple of the steps' tokens (default %(default)s)")
     steps.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on both sides")
