@@ -390,5 +390,6 @@ def test_flex_attention_on_the_gpu_keeps_packed_examples_apart_in_training(train
     with torch.autocast("cuda", torch.bfloat16):
         logits = model(**{**batch, "labels": None}).logits[0, starts[1]:]
         moved = model(**{**changed, "labels": None}).logits[0, starts[1]:]
-    assert (logits - moved).abs().max().item() == 0.0
+    # A leak moves them by the size of the logits; kernels may round differently, by far less.
+    assert (logits - moved).abs().max().item() < 1e-3 * logits.abs().max().item()
 
