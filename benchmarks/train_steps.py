@@ -331,10 +331,10 @@ def worker_prepare(spec_path: str) -> None:
             notes.append(f"flex_attention is not usable on this CPU ({probes['flex_attention']}): sdpa instead")
             print(notes[-1], flush=True)
     plan = {"data_module": kwargs, "accumulate": accumulate, "micro_batches": micro, "micro_digests": micro_digests,
-            "steps": plan_steps, "epoch_micro_batches": len(batches), "micro_batch_tokens": _stats(fills),
+            "steps": plan_steps, "epoch_micro_batches": len(batches), "micro_batch_tokens": length_stats(fills),
             "examples": len(examples), "examples_sha256": examples_digest(
                 (e["input_ids"], e["labels"][1:]) for e in examples),
-            "example_lengths": _stats([len(e["input_ids"]) for e in examples]), "drawn_lengths": _stats(drawn),
+            "example_lengths": length_stats([len(e["input_ids"]) for e in examples]), "drawn_lengths": length_stats(drawn),
             "probes": probes, "notes": notes}
     Path(spec["plan"]).write_text(json.dumps(plan) + "\n")
     print(json.dumps({"examples": len(examples), "accumulate": accumulate, "micro_batches": len(batches)}))
@@ -647,7 +647,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
+def length_stats(values: Sequence[float]) -> dict[str, float]:
+    """Count, mean, median, p10, p90, min, max and total of ``values`` (lengths, tokens per step)."""
     ordered = sorted(values)
 
     def pct(q: float) -> float:
@@ -826,7 +827,7 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
     tokens, flops = sum(s["tokens"] for s in timed), sum(s["flops"] for s in timed)
     report["window"] = {"steps": len(timed), "tokens": tokens, "flops": flops,
                         "flops_six_n": sum(s["flops_six_n"] for s in timed),
-                        "tokens_per_step": _stats([s["tokens"] for s in plan["steps"]])}
+                        "tokens_per_step": length_stats([s["tokens"] for s in plan["steps"]])}
     report["summary"] = {}
     for run in report["runs"]:
         if run["returncode"] != 0:
@@ -865,7 +866,7 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
     out[f"non-padding tokens of every optimizer step >= {wanted}"] = {
         "value": f"{least} (mean {mean_tokens:.0f})", "met": least >= wanted}
     if ours and ours.get("mfu") is not None:
-        out[f"ours MFU >= {mode['mfu_target']:.0%}"] = {"value": _percent(ours["mfu"]),
+        out[f"ours MFU >= {mode['mfu_target']:.0%}"] = {"value": percent(ours["mfu"]),
                                                         "met": ours["mfu"] >= mode["mfu_target"]}
     if ours and hf:
         ratio = ours["nonpad_tokens_per_s"] / hf["nonpad_tokens_per_s"]
@@ -925,7 +926,7 @@ def _last_line(text: str | None) -> str:
     return ((text or "").strip().splitlines() or [""])[-1][:300].replace("`", "'")
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
@@ -983,8 +984,8 @@ def markdown(report: dict[str, Any]) -> str:
         speed = f"{run['nonpad_tokens_per_s'] / hf['nonpad_tokens_per_s']:.2f}" if hf else "-"
         loss = f"{run['final_loss'] / hf['final_loss']:.4f}" if hf else "-"
         mem = "-" if run.get("peak_memory_gib") is None else f"{run['peak_memory_gib']:.1f}"
-        lines.append(f"| {label} | {run['nonpad_tokens_per_s']:.0f} | {speed} | {_percent(run['mfu'])} | "
-                     f"{_percent(run['mfu_six_n'])} | {mem} | {run['final_loss']:.4f} | {loss} | {run['timed_s']:.2f} | "
+        lines.append(f"| {label} | {run['nonpad_tokens_per_s']:.0f} | {speed} | {percent(run['mfu'])} | "
+                     f"{percent(run['mfu_six_n'])} | {mem} | {run['final_loss']:.4f} | {loss} | {run['timed_s']:.2f} | "
                      f"{run['warmup_s']:.1f} | {run['setup_s']:.1f} | {run['process_wall_s']:.0f} |")
     peaks = sorted({r["peak_bf16_flops"] for r in ok.values() if r.get("peak_bf16_flops")})
     peaks_text = ", ".join(f"{p / 1e12:.1f} TFLOP/s" for p in peaks) or "none on a CPU"

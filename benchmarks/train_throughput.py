@@ -73,7 +73,9 @@ from train_steps import (
     _sync,
     _trainable_sum,
     instruction_rows,
+    length_stats,
     model_flops,
+    percent,
     versions,
 )
 
@@ -529,21 +531,7 @@ def consistency(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "same_initial_lora_weights": all(len(sums) <= 1 for sums in inits.values()), "problems": problems}
 
 
-def length_stats(lengths: list[int]) -> dict[str, float]:
-    ordered = sorted(lengths)
-
-    def pct(q: float) -> int:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    return {"count": len(ordered), "mean": round(statistics.fmean(ordered), 1), "median": pct(0.5),
-            "p10": pct(0.1), "p90": pct(0.9), "min": ordered[0], "max": ordered[-1], "total": sum(ordered)}
-
-
 SHAPES = {"llama": "Llama", "qwen2": "Qwen2"}
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def _flops(report: dict[str, Any]) -> str:
@@ -639,7 +627,7 @@ def markdown(report: dict[str, Any]) -> str:
     if gpu:
         lines += [
             "", "| variant | MFU | MFU, 6N convention | peak GPU memory (GiB) |", "|---|---:|---:|---:|",
-            *(f"| {v} | {_percent(med.get('mfu'))} | {_percent(med.get('mfu_six_n'))} | {med['peak_memory_gib']:.2f} |"
+            *(f"| {v} | {percent(med.get('mfu'))} | {percent(med.get('mfu_six_n'))} | {med['peak_memory_gib']:.2f} |"
               for v, med in gpu.items()),
             "",
             ("- MFU: model FLOPs of the epoch's real tokens (padding excluded) / wall / the GPU's dense bf16 peak "
