@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -24,7 +24,7 @@ from lightning_lora.losses import linear_cross_entropy
 __all__ = ["FUSED_LOSS_MODEL_TYPES", "LossKind", "TrainingKernels"]
 
 LossKind = Literal["auto", "chunked", "liger", "off"]
-_LOSS_KINDS = ("auto", "chunked", "liger", "off")
+_LOSS_KINDS = get_args(LossKind)
 # Model types whose causal-LM forward is ``lm_head(decoder(...).last_hidden_state)`` and whose loss is
 # the plain shifted cross-entropy: no logit scaling or soft-capping (Gemma 2/3, Cohere), no auxiliary
 # router loss (the MoE models). tests/test_training_path.py checks each against the model's own loss.

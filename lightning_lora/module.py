@@ -202,7 +202,7 @@ class LoraFinetuneModule(L.LightningModule):
 
         self._check_quantization_strategy()
         base = self._load_base_model()
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = self._root_device()
         self.training_kernels.prepare_base(base, device)
         if self.quantization is not None:
             from peft import prepare_model_for_kbit_training
@@ -349,7 +349,7 @@ class LoraFinetuneModule(L.LightningModule):
             dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float32
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quantization,
                                     bnb_4bit_use_double_quant=self.double_quantization, bnb_4bit_compute_dtype=dtype)
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        device = self._root_device()
         return {"quantization_config": config, "device_map": {"": device}}
 
     def _check_quantization_strategy(self) -> None:
@@ -387,6 +387,10 @@ class LoraFinetuneModule(L.LightningModule):
             raise ValueError("model.use_dora=true is not supported with DeepSpeed ZeRO-3; use ZeRO-2 or DDP")
         if isinstance(init, str) and init != "gaussian":
             raise ValueError(f"model.init_lora_weights={init!r} is not supported with DeepSpeed ZeRO-3; use ZeRO-2 or DDP")
+
+    def _root_device(self) -> torch.device:
+        """The device this process trains on, as the trainer's strategy says (the CPU without a trainer)."""
+        return self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
 
     def _sharding_strategy(self) -> str | None:
         """The name of the trainer's strategy if it shards the parameters (ZeRO-3, FSDP), else None."""
