@@ -68,13 +68,20 @@ def build(base: Path, **kwargs: Any) -> LoraFinetuneModule:
 
 
 def loss_and_grads(module: LoraFinetuneModule, batch: dict[str, Any], bf16: bool = False) -> tuple[float, dict]:
-    """One training step's loss and LoRA gradients, through the module's own training loss."""
+    """One training step's loss and LoRA gradients (fp32, on the CPU), through the module's own
+    training loss, on the device the module is on; ``bf16``: under bf16 autocast."""
+    device_type = next(module.parameters()).device.type
     module.zero_grad()
-    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+    with torch.autocast(device_type, torch.bfloat16, enabled=bf16):
         loss = module.training_kernels.loss(module.model, batch)
     loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    grads = {name: p.grad.detach().float().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
     return loss.item(), grads
+
+
+def bf16_gap(plain: LoraFinetuneModule, batch: dict[str, Any]) -> tuple[tuple[float, dict], tuple[float, dict]]:
+    """The plain path's own loss and gradients in fp32 and under bf16 autocast: the tolerance of a comparison."""
+    return loss_and_grads(plain, batch), loss_and_grads(plain, batch, bf16=True)
 
 
 def differences(a: tuple[float, dict], b: tuple[float, dict]) -> tuple[float, dict[str, float]]:
@@ -105,7 +112,7 @@ def test_the_chunked_loss_equals_the_models_own_within_its_bf16_gap(trained_base
     assert ("num_items_in_batch" in batch) is (layout == "token_weighted")
     plain, chunked = build(trained_base, linear_cross_entropy="off"), build(trained_base, linear_cross_entropy="chunked")
     assert (plain.kernels["linear_cross_entropy"], chunked.kernels["linear_cross_entropy"]) == ("off", "chunked")
-    gap = (loss_and_grads(plain, batch), loss_and_grads(plain, batch, bf16=True))
+    gap = bf16_gap(plain, batch)
     assert gap[0][0] < 0.5 * math.log(384)  # the trained base's loss, not a random one's
     assert_within_bf16_gap(loss_and_grads(chunked, batch), gap[0], gap)
     assert_within_bf16_gap(loss_and_grads(chunked, batch, bf16=True), gap[1], gap)
@@ -115,7 +122,7 @@ def test_the_chunked_loss_can_fail_the_comparison(trained_base: Path) -> None:
     """The comparison above catches a loss that is off by one position (the shift of the labels)."""
     batch = first_batch(trained_base)
     plain = build(trained_base, linear_cross_entropy="off")
-    gap = (loss_and_grads(plain, batch), loss_and_grads(plain, batch, bf16=True))
+    gap = bf16_gap(plain, batch)
     shifted = dict(batch, labels=torch.roll(batch["labels"], 1, dims=1))
     with pytest.raises(AssertionError):
         assert_within_bf16_gap(loss_and_grads(build(trained_base, linear_cross_entropy="chunked"), shifted), gap[0], gap)
@@ -284,7 +291,7 @@ def test_flex_attention_trains_with_sdpa_on_a_cpu(llama_base: Path, lightning_lo
 def test_compiled_blocks_give_the_plain_loss_and_gradients(trained_base: Path) -> None:
     batch = first_batch(trained_base)
     plain = build(trained_base)
-    gap = (loss_and_grads(plain, batch), loss_and_grads(plain, batch, bf16=True))
+    gap = bf16_gap(plain, batch)
     compiled = build(trained_base, compile_blocks=True)
     assert compiled.kernels["compiled_blocks"] == 2  # the tiny base's two decoder layers
     assert_within_bf16_gap(loss_and_grads(compiled, batch), gap[0], gap)
@@ -341,14 +348,6 @@ def cuda_module(base: Path, **kwargs: Any) -> LoraFinetuneModule:
     return module.to("cuda")
 
 
-def cuda_loss_and_grads(module: LoraFinetuneModule, batch: dict[str, Any]) -> tuple[float, dict]:
-    module.zero_grad()
-    with torch.autocast("cuda", torch.bfloat16):
-        loss = module.training_kernels.loss(module.model, batch)
-    loss.backward()
-    return loss.item(), {n: p.grad.float().cpu() for n, p in module.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("settings", [
     {"linear_cross_entropy": "liger", "liger_kernels": True},
@@ -359,12 +358,8 @@ def cuda_loss_and_grads(module: LoraFinetuneModule, batch: dict[str, Any]) -> tu
 def test_the_gpu_path_equals_the_plain_path_within_its_bf16_gap(trained_base: Path, settings: dict[str, Any]) -> None:
     """On the GPU, bf16 base under bf16 autocast; the gap is the plain path's fp32 vs bf16 on the GPU."""
     batch = cuda_batch(trained_base, packing=True)
-    plain_fp32 = cuda_module(trained_base, dtype="fp32", linear_cross_entropy="off", liger_kernels=False)
-    plain_fp32.zero_grad()
-    loss = plain_fp32.training_kernels.loss(plain_fp32.model, batch)  # no autocast: fp32
-    loss.backward()
-    fp32 = (loss.item(), {n: p.grad.float().cpu() for n, p in plain_fp32.named_parameters() if p.requires_grad})
-    plain = cuda_loss_and_grads(cuda_module(trained_base, linear_cross_entropy="off", liger_kernels=False), batch)
+    fp32 = loss_and_grads(cuda_module(trained_base, dtype="fp32", linear_cross_entropy="off", liger_kernels=False), batch)
+    plain = loss_and_grads(cuda_module(trained_base, linear_cross_entropy="off", liger_kernels=False), batch, bf16=True)
     module = cuda_module(trained_base, **settings)
     for key, value in settings.items():
         if key == "liger_kernels":
@@ -373,7 +368,7 @@ def test_the_gpu_path_equals_the_plain_path_within_its_bf16_gap(trained_base: Pa
             assert module.kernels["compiled_blocks"] == 2
         else:
             assert module.kernels["attention" if key == "attn_implementation" else key] == value
-    assert_within_bf16_gap(cuda_loss_and_grads(module, batch), plain, (fp32, plain))
+    assert_within_bf16_gap(loss_and_grads(module, batch, bf16=True), plain, (fp32, plain))
 
 
 @pytest.mark.gpu
