@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lightning_lora.dtypes import parse_dtype
+from lightning_lora.model_classes import restore_class_decorators
 
 __all__ = [
     "active_adapter",
@@ -127,6 +128,7 @@ def load_for_generation(
     named = _adapter_dirs(adapters)
     try:
         tokenizer = _load_tokenizer(model_path, named)
+        restore_class_decorators()  # a training in this process may have created its classes in deepspeed.zero.Init
         net = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     except OSError as err:  # transformers' message names the file, not the argument
         raise OSError(f"--model={str(model)!r} cannot be loaded: {err}") from err

@@ -26,6 +26,7 @@ from lightning_lora.export.quantized import (
 )
 from lightning_lora.export.tokens import add_tokens, embedding_names, resize_vocab, tokenizer_files
 from lightning_lora.kernels import LossKind, TrainingKernels
+from lightning_lora.model_classes import import_model_classes, restore_class_decorators
 from lightning_lora.tiny import resolve_model_path
 
 __all__ = ["LoraFinetuneModule"]
@@ -193,6 +194,15 @@ class LoraFinetuneModule(L.LightningModule):
             base_model_name_or_path=resolve_model_path(self.model_name_or_path),
             **self.lora_settings,
         )
+
+    @override
+    def setup(self, stage: str) -> None:
+        # Before Lightning enters deepspeed.zero.Init around configure_model: a model class first
+        # imported inside it loses its class decorators when it exits (see model_classes.py).
+        try:
+            import_model_classes(resolve_model_path(self.model_name_or_path))
+        except OSError:
+            pass  # configure_model reports a base that cannot be loaded, naming the setting
 
     @override
     def configure_model(self) -> None:
@@ -418,6 +428,7 @@ class LoraFinetuneModule(L.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
+        restore_class_decorators()  # classes created inside deepspeed.zero.Init after all
         self._check_vocabulary()
         # Under ZeRO-3 a partitioned parameter reports numel() == 0; ds_numel is its full size.
         def count(p: torch.Tensor) -> int:

@@ -76,7 +76,12 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "zero2-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--record"]),
     "zero2-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--precision", "bf16-mixed"]),
     "zero3-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--record"]),
-    "zero3-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--precision", "bf16-mixed", "--export"]),
+    # --late-arch: configure_model first imports another architecture inside deepspeed.zero.Init, and a
+    # new model of it runs after fit (test_deepspeed_fit.py), under our module and under a user's.
+    "zero3-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--precision", "bf16-mixed", "--export",
+                             "--late-arch", "mistral"]),
+    "zero3-user-module": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--user-module", "--export",
+                                    "--late-arch", "mistral"]),
     "zero3-3proc": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "3"]),
     "zero3-exclude-frozen": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--precision", "bf16-mixed", "--exclude-frozen", "--record"]),
     "gpt2-conv1d": ("gpt2", ["--targets", "c_attn,c_proj"]),

@@ -143,3 +143,19 @@ def test_exclude_frozen_checkpoint_holds_only_the_adapter(trained_runs, resumed_
     _, resumed, _ = resumed_runs("zero3-exclude-frozen")
     assert _finished(resumed) == {"global_step": TOTAL_STEPS, "strict_loading": False}
     _assert_frozen_weights_are_the_base(_start(resumed)["params"], base)
+
+
+@pytest.mark.parametrize("name", ["zero3-bf16", "zero3-user-module"])
+def test_model_classes_first_imported_inside_zero_init_build_and_run_after_it(name: str, trained_runs) -> None:
+    """A model class first imported inside ``deepspeed.zero.Init`` (Lightning enters it around
+    ``configure_model``) builds working models after the context has exited: the run's own
+    architecture in HFExport's verification (it builds and runs the trained blocks again), and
+    another architecture imported there for the first time, built and run by the script after fit.
+    With transformers' kernels-decorated attention classes, DeepSpeed's exit used to put back their
+    undecorated ``__init__`` while ``forward`` kept the wrapper: ``... has no attribute '_kernel_funcs'``."""
+    run, _ = trained_runs(name)
+    late = json.loads((run / "late_arch.json").read_text())
+    assert late["first_import"] and late["inside_zero_init"], late  # the premise, not the fix
+    assert late["logits_shape"] == [1, 12, 128] and late["logits_finite"], late
+    verification = json.loads((run / "export" / "export.json").read_text())["verification"]
+    assert verification["passed"] and verification["function"]["blocks_checked"] == 2, verification

@@ -27,6 +27,7 @@ from lightning_lora.export.pipeline import export_checkpoint, export_shared
 from lightning_lora.export.quantized import keep_training_layout, quantization_record, quantized_state
 from lightning_lora.export.tokens import tokenizer_files
 from lightning_lora.export.zero import check_rank_files, read_model_states, resolve_zero_tag
+from lightning_lora.model_classes import import_model_classes, restore_class_decorators
 
 __all__ = ["HFExport"]
 
@@ -93,7 +94,16 @@ class HFExport(L.Callback):
         self.result: dict[str, Any] | None = None
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before Lightning enters deepspeed.zero.Init around configure_model: a model class first
+        # imported inside it loses its class decorators when it exits (see model_classes.py).
+        if self.options.base_model is not None and Path(self.options.base_model).is_dir():
+            import_model_classes(self.options.base_model)
+
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A user's configure_model may have created model classes inside deepspeed.zero.Init.
+        restore_class_decorators()
         # Refuse, before the first step, a run whose result could not be exported correctly.
         _name, peft_model = _find_peft_model(pl_module)
         config = config_to_dict(peft_model.peft_config[peft_model.active_adapter])

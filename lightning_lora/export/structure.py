@@ -18,6 +18,7 @@ from lightning_lora.export.checkpoint import TrainedCheckpoint, lora_config_from
 from lightning_lora.export.quantized import quantized_entries
 from lightning_lora.export.tokens import resize_vocab
 from lightning_lora.export.weights import read_config
+from lightning_lora.model_classes import restore_class_decorators
 
 __all__ = ["build_meta_peft_model", "build_peft_model", "count_tensors", "merged_meta_model", "trained_by_model_key"]
 
@@ -48,6 +49,7 @@ def build_meta_peft_model(base_dir: str | Path, lora_config: dict[str, Any], voc
     from transformers import AutoModelForCausalLM
 
     config = config if config is not None else read_config(base_dir, "--base-model")
+    restore_class_decorators()  # a training in this process may have created its classes in deepspeed.zero.Init
     # Parameters on the meta device, buffers (derived from the config, not stored) real.
     with init_empty_weights(include_buffers=False):
         base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -69,6 +71,7 @@ def build_peft_model(base_model: str | Path, lora_config: dict[str, Any], vocab_
     from peft.utils import ModulesToSaveWrapper
     from transformers import AutoModelForCausalLM
 
+    restore_class_decorators()
     base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
     if vocab_size is not None:
         resize_vocab(base, vocab_size)
@@ -85,6 +88,7 @@ def merged_meta_model(merged_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     config = read_config(merged_dir, "merged")
+    restore_class_decorators()
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()

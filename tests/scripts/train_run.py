@@ -61,9 +61,8 @@ class UserModule(L.LightningModule):
         if self.net is not None:
             return
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(self.base)
+        base = _from_pretrained(self.base, self.trainer.strategy)
         config = LoraConfig(**self.lora)
         _prepare_data_driven_init(base, config)
         self.net = get_peft_model(base, config, adapter_name=self.adapter_name)
@@ -75,6 +74,56 @@ class UserModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _from_pretrained(path: str, strategy: object) -> torch.nn.Module:
+    """The base, loaded as transformers documents it for ZeRO-3 (``HfDeepSpeedConfig`` alive while
+    it loads into the partitions Lightning's ``deepspeed.zero.Init`` creates)."""
+    from transformers import AutoModelForCausalLM
+
+    if not getattr(strategy, "zero_stage_3", False):
+        return AutoModelForCausalLM.from_pretrained(path)
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    ds_config = HfDeepSpeedConfig(strategy.config)  # noqa: F841 (transformers keeps a weak reference)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path)
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def _import_late_arch(module: L.LightningModule, arch: str, record: dict) -> None:
+    """Make ``module.configure_model`` first import ``arch``'s model classes (inside
+    ``deepspeed.zero.Init`` under ZeRO-3), recording whether it was the first import and inside it."""
+    configure = module.configure_model
+
+    def configure_importing_first() -> None:
+        import importlib
+
+        from deepspeed.runtime.zero import partition_parameters
+
+        name = f"transformers.models.{arch}.modeling_{arch}"
+        record["first_import"] = name not in sys.modules
+        record["inside_zero_init"] = partition_parameters.zero_init_context > 0
+        importlib.import_module(name)
+        configure()
+
+    module.configure_model = configure_importing_first
+
+
+def _run_late_arch(arch: str, vocab_size: int, record: dict) -> None:
+    """Build a fresh ``arch`` model after fit (the context has exited) and run it."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_lora.tiny import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size))
+    ids = torch.randint(3, vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    record["logits_shape"] = list(logits.shape)
+    record["logits_finite"] = bool(torch.isfinite(logits).all())
 
 
 def _prepare_data_driven_init(base: torch.nn.Module, config) -> None:
@@ -149,6 +198,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--export-on-exception", action="store_true")
     parser.add_argument("--inject-oserror", action="store_true",
                         help="reading the final checkpoint raises OSError on global rank 0, as a network filesystem can")
+    parser.add_argument("--late-arch", default=None, help="configure_model first imports this architecture's "
+                        "model classes; after fit a new model of it runs (OUT/late_arch.json)")
     parser.add_argument("--pg-timeout", type=float, default=None, help="process-group timeout in seconds")
     return parser.parse_args()
 
@@ -182,6 +233,9 @@ def main() -> None:
         return step(batch, batch_idx)
 
     module.training_step = instrumented_step
+    late_arch: dict = {}
+    if args.late_arch:
+        _import_late_arch(module, args.late_arch, late_arch)
     if args.inject_oserror:
         _inject_oserror()
     data_file = out / "train.jsonl"
@@ -231,6 +285,9 @@ def main() -> None:
             torch.save(frozen, out / "frozen.pt")
         if args.quantization:
             torch.save(_trained_logits(module), out / "trained_logits.pt")
+        if args.late_arch:
+            _run_late_arch(args.late_arch, 128, late_arch)
+            (out / "late_arch.json").write_text(json.dumps(late_arch))
         if args.record:
             finished = {"global_step": trainer.global_step, "strict_loading": module.strict_loading}
             (out / "finished.json").write_text(json.dumps(finished))
