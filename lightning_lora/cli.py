@@ -11,7 +11,24 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-__all__ = ["evaluate_main", "export_main", "generate_main", "main", "verify_main"]  # LightningLoraCLI: see __getattr__
+from lightning_lora.versions import environment_report, format_environment_report, warn_outside_tested_range
+
+__all__ = ["COMMANDS", "env_main", "evaluate_main", "export_main", "generate_main", "main", "usage",
+           "verify_main"]  # LightningLoraCLI: see __getattr__
+
+# Every command, one line each: what `lightning-lora`, `--help` and an unknown command print. Kept here as
+# text so that the listing starts without importing Lightning.
+COMMANDS: dict[str, str] = {
+    "fit": "train a LoRA adapter (LightningCLI: --config configs/quickstart.yaml); HFExport exports at the end",
+    "validate": "run the validation loop of a config, optionally on --ckpt_path (LightningCLI)",
+    "test": "run the test loop of a config, optionally on --ckpt_path (LightningCLI)",
+    "predict": "run the predict loop of a config, optionally on --ckpt_path (LightningCLI)",
+    "export": "turn a checkpoint into a PEFT adapter and a merged Hugging Face model, verified",
+    "verify": "re-check an export against its export.json and, with --base-model, the trained model",
+    "generate": "generate answers with a merged model, or a base model plus LoRA adapters",
+    "evaluate": "score a model on held-out data (loss, perplexity, token accuracy, exact match)",
+    "env": "print the versions, Python, platform and CUDA to include in a bug report",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -27,10 +44,22 @@ def __getattr__(name: str) -> Any:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lightning-lora`` and ``python -m lightning_lora``.
 
-    ``export``, ``verify``, ``generate`` and ``evaluate`` are our own subcommands; everything else
-    (``fit``, ``validate``, ``test``, ``predict``) is LightningCLI's.
+    ``export``, ``verify``, ``generate``, ``evaluate`` and ``env`` are our own subcommands; ``fit``,
+    ``validate``, ``test`` and ``predict`` (and options before a subcommand, such as ``--config``) are
+    LightningCLI's. No command, ``-h``/``--help`` or an unknown command print the list of commands.
     """
     args = sys.argv[1:] if argv is None else argv
+    if not args:  # as argparse does for a missing subcommand: usage on stderr, exit 2
+        print(usage(), file=sys.stderr)
+        sys.exit(2)
+    if args[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0)
+    if not args[0].startswith("-") and args[0] not in COMMANDS:
+        print(f"lightning-lora: error: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    if args[:1] == ["env"]:
+        sys.exit(env_main(args[1:]))
     if args[:1] == ["export"]:
         sys.exit(export_main(args[1:]))
     if args[:1] == ["verify"]:
@@ -39,9 +68,38 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(generate_main(args[1:]))
     if args[:1] == ["evaluate"]:
         sys.exit(evaluate_main(args[1:]))
+    warn_outside_tested_range()  # before importing Lightning: an import error may be what it explains
     from lightning_lora.lightning_cli import run_lightning_cli
 
     run_lightning_cli(argv)
+
+
+def usage() -> str:
+    """The usage line and every command with one line each."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: lightning-lora COMMAND [ARGS]   ('lightning-lora COMMAND --help' for its arguments)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def env_main(argv: list[str]) -> int:
+    """``lightning-lora env [--json]``: print what a bug report needs; returns the exit code (0)."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-lora env",
+        description="Print lightning-lora's version, the installed version of each package it builds on with its "
+        "tested range (ok, OUTSIDE or not installed), Python, the platform and CUDA: include it in bug reports.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    report = environment_report()
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_environment_report(report))
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +145,7 @@ def export_main(argv: list[str]) -> int:
     """Run the export command; returns the process exit code."""
     args = _parser().parse_args(argv)
     _quiet(args.debug, keep_info=args.debug)
+    warn_outside_tested_range()
     try:
         from lightning_lora.export.pipeline import export_checkpoint
 
@@ -153,6 +212,7 @@ def verify_main(argv: list[str]) -> int:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = parser.parse_args(argv)
     _quiet(args.debug, keep_info=args.debug)
+    warn_outside_tested_range()
     try:
         from lightning_lora.export.verify import verify_directory
 
@@ -296,6 +356,7 @@ def generate_main(argv: list[str]) -> int:
     try:
         _check_generate_args(args)
         _quiet(args.debug)
+        warn_outside_tested_range()
         from lightning_lora import inference
 
         model, tokenizer = inference.load_for_generation(args.model, args.adapter, dtype=args.dtype, device=args.device)
@@ -353,6 +414,7 @@ def evaluate_main(argv: list[str]) -> int:
         if not Path(args.data).exists():
             raise ValueError(f"--data={args.data!r} does not exist")
         _quiet(args.debug)
+        warn_outside_tested_range()
         from lightning_lora import evaluation, inference
 
         adapters = [args.adapter] if args.adapter else []

@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_lora.data import InstructionDataModule
 from lightning_lora.module import LoraFinetuneModule
+from lightning_lora.versions import warn_outside_tested_range
 
 __all__ = ["LightningLoraCLI", "run_lightning_cli"]
 
@@ -30,6 +31,7 @@ class LightningLoraCLI(LightningCLI):
 
 def run_lightning_cli(argv: list[str] | None) -> None:
     """Run a LightningCLI subcommand (``argv=None`` reads ``sys.argv``)."""
+    warn_outside_tested_range()
     LightningLoraCLI(
         LoraFinetuneModule,
         InstructionDataModule,

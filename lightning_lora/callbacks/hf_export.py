@@ -28,6 +28,7 @@ from lightning_lora.export.quantized import keep_training_layout, quantization_r
 from lightning_lora.export.tokens import tokenizer_files
 from lightning_lora.export.zero import check_rank_files, read_model_states, resolve_zero_tag
 from lightning_lora.model_classes import import_model_classes, restore_class_decorators
+from lightning_lora.versions import warn_outside_tested_range
 
 __all__ = ["HFExport"]
 
@@ -95,6 +96,8 @@ class HFExport(L.Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:  # also under ddp_spawn, whose ranks carry no RANK variable
+            warn_outside_tested_range()
         # Before Lightning enters deepspeed.zero.Init around configure_model: a model class first
         # imported inside it loses its class decorators when it exits (see model_classes.py).
         if self.options.base_model is not None and Path(self.options.base_model).is_dir():

@@ -89,11 +89,11 @@ def resolve_base(base_model: str | None, checkpoint: TrainedCheckpoint | None = 
 
 def base_files(base_path: str, base_name: str) -> WeightFiles:
     """The base's weight files, every header checked; its architecture's key prefix from its config."""
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = read_config(base_path, "--base-model")
     try:
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
         prefix = model_class.base_model_prefix
     except (KeyError, AttributeError):
         prefix = ""
