@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" DS_ACCELERATOR=cpu
-python -m pytest -q "$@"
+python -m pytest -q -n 2 --dist loadfile "$@"

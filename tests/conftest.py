@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,13 +23,46 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``gpu`` tests need a CUDA device; without one they are reported as skipped, with the reason."""
+    """``smoke`` marks the tests listed in :data:`SMOKE`; ``gpu`` tests need a CUDA device (without one
+    they are reported as skipped, with the reason)."""
+    for item in items:
+        if is_smoke(item.nodeid):
+            item.add_marker(pytest.mark.smoke)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run on the GPU machine: benchmarks/gpu_session.sh)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The smoke tier (``pytest -m smoke``; scripts/compat.sh runs it against each dependency set): one test
+# through every place where we rely on another package's internals. A test id without parameters
+# takes all of its parameters. tests/test_compat.py checks that each entry names a collected test.
+SMOKE = (
+    # Two-process DeepSpeed fits with HFExport: ZeRO-2 and ZeRO-3, Llama and tied Qwen2.
+    "tests/test_export.py::test_export_matches_an_independent_merge[zero2-shared-export]",
+    "tests/test_export.py::test_export_matches_an_independent_merge[zero2-qwen2-tied]",
+    "tests/test_export.py::test_export_matches_an_independent_merge[zero3-bf16]",
+    "tests/test_export.py::test_export_matches_an_independent_merge[zero3-qwen2-tied-lm-head-trained]",
+    # Model classes first imported inside deepspeed.zero.Init (transformers' kernels decorators).
+    "tests/test_deepspeed_fit.py::test_model_classes_first_imported_inside_zero_init_build_and_run_after_it",
+    # The export command on a ZeRO-3 checkpoint (zero_to_fp32's internals) and on a sharded FSDP one
+    # (torch.distributed.checkpoint's readers).
+    "tests/test_export.py::test_callback_and_command_produce_the_same_export",
+    "tests/test_export.py::test_fsdp_checkpoints_export_like_the_others[sharded]",
+    # QLoRA fit and export (bitsandbytes' 4-bit layers, PEFT's k-bit preparation).
+    "tests/test_qlora.py::test_callback_export_and_held_out_loss",
+    # Every shipped preset parsed by LightningCLI (jsonargparse, the strategies' signatures).
+    "tests/test_cli.py::test_every_shipped_yaml_parses",
+    # generate and evaluate on a trained model.
+    "tests/test_inference.py::test_generate_command",
+    "tests/test_inference.py::test_evaluate_equals_masked_cross_entropy_computed_here",
+)
+
+
+def is_smoke(nodeid: str) -> bool:
+    return any(nodeid == entry or nodeid.startswith(f"{entry}[") for entry in SMOKE)
 
 
 @pytest.fixture
@@ -38,13 +75,39 @@ def lightning_log(caplog: pytest.LogCaptureFixture):
     logger.removeHandler(caplog.handler)
 
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory all pytest-xdist workers of this session share (the session's own without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+@contextmanager
+def built_once(directory: Path) -> Iterator[bool]:
+    """Under a lock shared by the xdist workers: yields whether ``directory`` still has to be built.
+    A build that raises leaves no ``.done`` mark, so the next worker that needs it tries again."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    done = directory.with_name(f"{directory.name}.done")
+    with open(directory.with_name(f"{directory.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        needed = not done.exists()
+        if needed and directory.exists():
+            shutil.rmtree(directory)  # what a failed build left
+        yield needed
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def tiny_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Directories of tiny Llama, Qwen2 (tied embeddings), GPT-2 (Conv1D) and Bloom bases with a tokenizer."""
+    """Directories of tiny Llama, Qwen2 (tied embeddings), GPT-2 (Conv1D) and Bloom bases with a tokenizer,
+    built once per session and shared by the xdist workers (trained runs record their base's path)."""
     from lightning_lora.tiny import ARCHITECTURES, build_tiny_base
 
-    root = tmp_path_factory.mktemp("bases")
-    return {arch: build_tiny_base(root / arch, arch=arch) for arch in ARCHITECTURES}
+    root = shared_dir(tmp_path_factory) / "bases"
+    with built_once(root) as needed:
+        if needed:
+            for arch in ARCHITECTURES:
+                build_tiny_base(root / arch, arch=arch)
+    return {arch: root / arch for arch in ARCHITECTURES}
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +161,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "zero3-qwen2-tied-lm-head-trained": (
         "qwen2", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--modules-to-save", "lm_head", "--export"]
     ),
+    "zero2-qwen2-tied": ("qwen2", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--targets", "q_proj,v_proj",
+                                   "--export"]),
     # HFExport with both ranks sharing the merge and the verification of many small shards.
     "zero2-shared-export": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--export",
                                       "--export-shard-size", "100KB"]),
@@ -147,15 +212,17 @@ def run_train_script(name: str, base: Path, out: Path, args: list[str]) -> None:
 
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bases: dict[str, Path]):
-    """Train each run on first use (one subprocess each) and return ``(run_dir, base_dir)``."""
-    done: dict[str, tuple[Path, Path]] = {}
+    """Train each run on first use (one subprocess each) and return ``(run_dir, base_dir)``; a run is
+    trained once per session, whichever xdist worker needs it first, and read by all."""
+    root = shared_dir(tmp_path_factory) / "runs"
 
     def get(name: str) -> tuple[Path, Path]:
-        if name not in done:
-            arch, args = RUNS[name] if name in RUNS else QLORA_RUNS[name]
-            out = tmp_path_factory.mktemp(name)
-            run_train_script(name, tiny_bases[arch], out, args)
-            done[name] = (out, tiny_bases[arch])
-        return done[name]
+        arch, args = RUNS[name] if name in RUNS else QLORA_RUNS[name]
+        out = root / name
+        with built_once(out) as needed:
+            if needed:
+                out.mkdir(parents=True)
+                run_train_script(name, tiny_bases[arch], out, args)
+        return out, tiny_bases[arch]
 
     return get
