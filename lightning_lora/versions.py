@@ -25,15 +25,13 @@ __all__ = ["TESTED", "environment_report", "format_environment_report", "install
 # compat/results/oldest.json and latest.json; tests/test_versions.py checks they agree. After a compat
 # run, copy the recorded versions here (for a package absent from the oldest set, such as kernels, which
 # only transformers >= 5.25 pulls in, the low end is the latest set's version).
-# Until the first compat run: latest = the versions installed when this was written, oldest = the
-# floors of pyproject.toml (accelerate has none there: 1.1.0 is the floor transformers 5 asks for).
 TESTED: dict[str, tuple[str, str]] = {
-    "torch": ("2.4.0", "2.13.0"),
+    "torch": ("2.5.0", "2.14.1"),
     "lightning": ("2.5.5", "2.6.6"),
-    "deepspeed": ("0.16.0", "0.19.8"),
-    "peft": ("0.15.0", "0.21.2"),
-    "transformers": ("4.56.0", "5.25.0"),
-    "accelerate": ("1.1.0", "1.16.0"),
+    "deepspeed": ("0.19.8", "0.19.8"),
+    "peft": ("0.21.2", "0.21.2"),
+    "transformers": ("5.0.0", "5.25.0"),
+    "accelerate": ("1.2.0", "1.16.0"),
     "bitsandbytes": ("0.49.0", "0.50.2"),
     "safetensors": ("0.4.3", "0.8.0"),
     "kernels": ("0.19.1", "0.19.1"),
