@@ -104,22 +104,25 @@ def _module_classes() -> list[type]:
 def _unwrapped_kernelized(cls: type) -> tuple[Any, ...] | None:
     """The functions of ``cls``'s kernels decorator when DeepSpeed has undone its ``__init__``."""
     own = cls.__dict__
-    init = own.get("__init__")
+    init, forward = own.get("__init__"), own.get("forward")
     if init is None or init is not own.get(_DEEPSPEED_SAVED_INIT) or _decorator_arguments(init) is not None:
         return None
-    return _decorator_arguments(own.get("forward"))
+    if not hasattr(forward, "__wrapped__"):  # the forward wrapper is made with functools.wraps
+        return None
+    return _decorator_arguments(forward)
 
 
 def _decorator_arguments(function: Any) -> tuple[Any, ...] | None:
     """The functions a ``use_kernelized_func`` wrapper was made for, or ``None`` for any other function.
 
     Recognised by where its code was written (the decorator's own file) and the name of the
-    closure variable holding them; ``functools.wraps`` copies only names and docs.
+    closure variable holding them (both its ``__init__`` and its ``forward`` wrapper close over it);
+    ``functools.wraps`` copies only names and docs.
     """
     decorate = _kernels_decorator()
     code = getattr(function, "__code__", None)
     if decorate is None or code is None or code.co_filename != decorate.__code__.co_filename:
         return None
-    if "decorator_args" not in code.co_freevars or not hasattr(function, "__wrapped__"):
+    if "decorator_args" not in code.co_freevars:
         return None
     return function.__closure__[code.co_freevars.index("decorator_args")].cell_contents

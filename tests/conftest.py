@@ -47,6 +47,7 @@ SMOKE = (
     "tests/test_export.py::test_export_matches_an_independent_merge[zero3-qwen2-tied-lm-head-trained]",
     # Model classes first imported inside deepspeed.zero.Init (transformers' kernels decorators).
     "tests/test_deepspeed_fit.py::test_model_classes_first_imported_inside_zero_init_build_and_run_after_it",
+    "tests/test_model_classes.py::test_only_classes_created_inside_zero_init_are_restored_and_then_run",
     # The export command on a ZeRO-3 checkpoint (zero_to_fp32's internals) and on a sharded FSDP one
     # (torch.distributed.checkpoint's readers).
     "tests/test_export.py::test_callback_and_command_produce_the_same_export",
