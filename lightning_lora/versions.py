@@ -103,7 +103,7 @@ def outside_tested_range() -> list[str]:
     """One message for each installed package outside its tested range; absent packages are skipped.
 
     Returns:
-        Messages such as ``transformers 5.26.0 is outside the tested range 4.56.0 - 5.25.0 of
+        Messages such as ``transformers 5.26.0 is outside the tested range 5.0.0 - 5.25.0 of
         lightning-lora (...)``, in the order of :data:`TESTED`.
     """
     messages = []

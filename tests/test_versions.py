@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO
 
 from lightning_lora import cli, versions
+from lightning_lora.cli import main
 from lightning_lora.versions import TESTED
 
 COMMANDS = ("fit", "validate", "test", "predict", "export", "verify", "generate", "evaluate", "env")
@@ -55,6 +56,7 @@ def envelope(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+OUTSIDE = ("lightning", "peft", "transformers")
 EXPECTED = [_message("lightning", "2.7.0.dev0"), _message("peft", "0.14.0"), _message("transformers", "5.26.0")]
 
 
@@ -126,32 +128,45 @@ def test_commands_and_callback_warn(monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert calls[3:] == ["HFExport"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lightning_lora", *args], capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``lightning-lora ARGS`` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
 
 
-def test_env_command_prints_every_package() -> None:
-    result = _run("env")
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
+def test_env_command_prints_every_package(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "env")
+    assert code == 0, err[-2000:]
+    lines = out.splitlines()
     for name in TESTED:
-        assert any(line.split()[0] == name and "(tested " in line for line in lines), (name, result.stdout)
+        assert any(line.split()[0] == name and "(tested " in line for line in lines), (name, out)
     assert [line.split()[0] for line in lines[-3:]] == ["python", "platform", "cuda"]
 
-    result = _run("env", "--json")
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(result.stdout)
+    code, out, err = _run(capsys, "env", "--json")
+    assert code == 0, err[-2000:]
+    report = json.loads(out)
     assert set(report["packages"]) == set(TESTED)
     assert {entry["status"] for entry in report["packages"].values()} <= {"ok", "OUTSIDE", "not installed"}
 
 
+def test_env_report_marks_a_package_outside_and_an_absent_one(envelope: None) -> None:
+    packages = versions.environment_report()["packages"]
+    assert {name: entry["status"] for name, entry in packages.items()} == {
+        name: ("not installed" if INSTALLED[name] is None else
+               "OUTSIDE" if name in OUTSIDE else "ok") for name in ENVELOPE}
+    text = versions.format_environment_report(versions.environment_report())
+    assert "not installed" in text and "OUTSIDE" in text
+
+
 @pytest.mark.parametrize(("args", "code", "stream"), [((), 2, "stderr"), (("--help",), 0, "stdout"), (("-h",), 0, "stdout"),
                                                       (("frobnicate",), 2, "stderr")])
-def test_every_command_is_listed(args: tuple[str, ...], code: int, stream: str) -> None:
-    result = _run(*args)
-    assert result.returncode == code, result.stdout + result.stderr
-    text = getattr(result, stream)
+def test_every_command_is_listed(args: tuple[str, ...], code: int, stream: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    exit_code, out, err = _run(capsys, *args)
+    assert exit_code == code, out + err
+    text = {"stdout": out, "stderr": err}[stream]
     listed = [line.split()[0] for line in text.splitlines() if line.startswith("  ")]
     assert listed == list(COMMANDS), text
     if args == ("frobnicate",):
