@@ -21,11 +21,14 @@ def test_only_classes_created_inside_zero_init_are_restored_and_then_run() -> No
                             timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.split("REPORT ", 1)[1])
-    # The defect, as DeepSpeed leaves it: the class imported inside the context cannot run.
-    assert "_kernel_funcs" in report["qwen2_before"], report
     assert report["llama_before"] == "ok", report
-    # Exactly that class is repaired, once; the class imported before keeps its own __init__.
-    assert report["restored"] == ["transformers.models.qwen2.modeling_qwen2.Qwen2Attention"], report
+    if report["decorated"]:
+        # The defect, as DeepSpeed leaves it: the class imported inside the context cannot run.
+        assert "_kernel_funcs" in report["qwen2_before"], report
+        # Exactly that class is repaired, once; the class imported before keeps its own __init__.
+        assert report["restored"] == ["transformers.models.qwen2.modeling_qwen2.Qwen2Attention"], report
+    else:  # no kernels decorators (kernels not installed, transformers < 5.25): nothing to repair
+        assert report["qwen2_before"] == "ok" and report["restored"] == [], report
     assert report["restored_again"] == [], report
     assert report["llama_init_unchanged"], report
     assert report["qwen2_after"] == "ok", report
@@ -36,7 +39,9 @@ def test_the_repair_needs_deepspeeds_saved_init_and_a_kernels_forward() -> None:
     exit reproduced by its two assignments (``_old_init`` saved at class creation, put back on
     exit): a whole class and a plain one are left alone, a reverted one gets its wrapper back."""
     import torch
-    from kernels import use_kernel_forward_from_hub, use_kernelized_func
+
+    kernels = pytest.importorskip("kernels", reason="kernels' decorators are what is repaired")
+    use_kernel_forward_from_hub, use_kernelized_func = kernels.use_kernel_forward_from_hub, kernels.use_kernelized_func
 
     from lightning_lora.model_classes import restore_class_decorators
 

@@ -41,7 +41,9 @@ def runs(arch: str) -> str:
     return "ok"
 
 
-report = {"qwen2_before": runs("qwen2"), "llama_before": runs("llama")}
+# transformers >= 5.25 with kernels installed wraps the attention classes' forward (functools.wraps).
+report = {"decorated": hasattr(modeling_qwen2.Qwen2Attention.forward, "__wrapped__"),
+          "qwen2_before": runs("qwen2"), "llama_before": runs("llama")}
 report["restored"] = restore_class_decorators()
 report["restored_again"] = restore_class_decorators()
 report["qwen2_after"] = runs("qwen2")
