@@ -69,9 +69,10 @@ def restore_class_decorators() -> list[str]:
     decorate = _kernels_decorator()
     if decorate is None:
         return []
+    wrapper_file = decorate.__code__.co_filename  # where its __init__ and forward wrappers are written
     repaired = []
     for cls in _module_classes():
-        functions = _unwrapped_kernelized(cls)
+        functions = _unwrapped_kernelized(cls, wrapper_file)
         if functions is None:
             continue
         cls.forward = cls.__dict__["forward"].__wrapped__  # the decorator wraps it again
@@ -92,37 +93,36 @@ def _kernels_decorator() -> Any:
 
 def _module_classes() -> list[type]:
     """Every subclass of ``torch.nn.Module`` defined so far."""
-    found, stack = [], [torch.nn.Module]
+    found, stack = {}, [torch.nn.Module]  # a dict: insertion order, and a class reached twice kept once
     while stack:
         for sub in stack.pop().__subclasses__():
             if sub not in found:
-                found.append(sub)
+                found[sub] = None
                 stack.append(sub)
-    return found
+    return list(found)
 
 
-def _unwrapped_kernelized(cls: type) -> tuple[Any, ...] | None:
+def _unwrapped_kernelized(cls: type, wrapper_file: str) -> tuple[Any, ...] | None:
     """The functions of ``cls``'s kernels decorator when DeepSpeed has undone its ``__init__``."""
     own = cls.__dict__
     init, forward = own.get("__init__"), own.get("forward")
-    if init is None or init is not own.get(_DEEPSPEED_SAVED_INIT) or _decorator_arguments(init) is not None:
+    if init is None or init is not own.get(_DEEPSPEED_SAVED_INIT):
+        return None
+    if _decorator_arguments(init, wrapper_file) is not None:  # imported before the context: whole
         return None
     if not hasattr(forward, "__wrapped__"):  # the forward wrapper is made with functools.wraps
         return None
-    return _decorator_arguments(forward)
+    return _decorator_arguments(forward, wrapper_file)
 
 
-def _decorator_arguments(function: Any) -> tuple[Any, ...] | None:
+def _decorator_arguments(function: Any, wrapper_file: str) -> tuple[Any, ...] | None:
     """The functions a ``use_kernelized_func`` wrapper was made for, or ``None`` for any other function.
 
-    Recognised by where its code was written (the decorator's own file) and the name of the
-    closure variable holding them (both its ``__init__`` and its ``forward`` wrapper close over it);
-    ``functools.wraps`` copies only names and docs.
+    Recognised by where its code was written (``wrapper_file``, the decorator's own file) and the
+    name of the closure variable holding them (both its ``__init__`` and its ``forward`` wrapper close
+    over it); ``functools.wraps`` copies only names and docs.
     """
-    decorate = _kernels_decorator()
     code = getattr(function, "__code__", None)
-    if decorate is None or code is None or code.co_filename != decorate.__code__.co_filename:
-        return None
-    if "decorator_args" not in code.co_freevars:
+    if code is None or code.co_filename != wrapper_file or "decorator_args" not in code.co_freevars:
         return None
     return function.__closure__[code.co_freevars.index("decorator_args")].cell_contents
