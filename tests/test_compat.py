@@ -15,12 +15,16 @@ from conftest import REPO, SMOKE
 SMOKE_BUDGET_SECONDS = 240  # the smoke tier's pytest wall time on 2 cores
 
 
-def _tested_with():
-    spec = importlib.util.spec_from_file_location("tested_with", REPO / "scripts" / "tested_with.py")
+def _script(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["tested_with"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _tested_with():
+    return _script("tested_with", REPO / "scripts" / "tested_with.py")
 
 
 @pytest.mark.parametrize("set_name", ["oldest", "locked", "latest"])
@@ -41,13 +45,10 @@ def test_readme_table_is_generated_from_the_results() -> None:
 def test_the_lock_is_the_locked_set() -> None:
     """The committed `locked` result was run on the committed lock (same versions of every pin)."""
     locked = _tested_with().load_results()["locked"]["versions"]
-    pins = {}
-    for line in (REPO / "requirements.lock").read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[name.strip().lower().replace("_", "-")] = version.strip()
-    differ = {name: (version, locked.get(name)) for name, version in pins.items()
-              if name not in ("pip", "setuptools", "wheel") and locked.get(name) != version}
+    # The lock read as CI's freeze check reads it (names normalised; pip, setuptools, wheel left out).
+    pins = _script("check_lock", REPO / ".ci" / "check_lock.py").pins(
+        (REPO / "requirements.lock").read_text().splitlines())
+    differ = {name: (version, locked.get(name)) for name, version in pins.items() if locked.get(name) != version}
     assert not differ, f"requirements.lock changed since the locked compat run (lock, run): {differ}"
 
 
