@@ -28,6 +28,11 @@ PRIVATE_IMPORTS: dict[str, str] = {
         "Reads an FSDP checkpoint in one process with no process group (no_dist=True) and the empty-state-dict "
         "planner, which the public load does not accept in that combination."
     ),
+    "torch._utils._rebuild_tensor_v2": (
+        "Rebuilds each dense tensor of a torch.save file, as torch.save names it; the restricted loader's "
+        "allowlist calls it through a wrapper that drops the hooks and metadata a file could attach (no public "
+        "equivalent)."
+    ),
     "liger_kernel.transformers.monkey_patch._apply_liger_kernel_to_instance": (
         "Patches the layers of one model instance with Liger's kernels; the public apply_liger_kernel_to_* "
         "functions also replace transformers' classes for every model built later in the process."

@@ -54,6 +54,14 @@ SMOKE = (
     "tests/test_export.py::test_fsdp_checkpoints_export_like_the_others[sharded]",
     # QLoRA fit and export (bitsandbytes' 4-bit layers, PEFT's k-bit preparation).
     "tests/test_qlora.py::test_callback_export_and_held_out_loss",
+    # The restricted loader: every type real checkpoints hold is on its allowlist (ZeRO 1/2/3 with and
+    # without frozen weights, QLoRA, FSDP's two layouts); zero_to_fp32 reads only through torch.load;
+    # torch.distributed.checkpoint's reader takes our .metadata reader.
+    *(f"tests/test_unpickle.py::test_real_checkpoints_name_only_allowed_types[{name}]" for name in (
+        "zero1-bf16", "zero2-exclude-frozen", "zero3-bf16", "zero3-exclude-frozen", "qlora-llama-nf4", "fsdp-full",
+        "fsdp-sharded")),
+    "tests/test_unpickle.py::test_zero_to_fp32_reads_only_through_torch_load",
+    "tests/test_unpickle.py::test_a_needed_foreign_object_fails_in_one_line_naming_file_key_and_type[fsdp-sharded]",
     # Every shipped preset parsed by LightningCLI (jsonargparse, the strategies' signatures).
     "tests/test_cli.py::test_every_shipped_yaml_parses",
     # generate and evaluate on a trained model.
@@ -139,6 +147,9 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "zero1-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "1", "--devices", "2", "--precision", "bf16-mixed"]),
     "zero2-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--record"]),
     "zero2-bf16": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--precision", "bf16-mixed"]),
+    "zero1-exclude-frozen": ("llama", ["--strategy", "deepspeed", "--stage", "1", "--devices", "2", "--exclude-frozen"]),
+    "zero2-exclude-frozen": ("llama", ["--strategy", "deepspeed", "--stage", "2", "--devices", "2", "--precision", "bf16-mixed",
+                                       "--exclude-frozen"]),
     "zero3-fp32": ("llama", ["--strategy", "deepspeed", "--stage", "3", "--devices", "2", "--record"]),
     # --late-arch: configure_model first imports another architecture inside deepspeed.zero.Init, and a
     # new model of it runs after fit (test_deepspeed_fit.py), under our module and under a user's.

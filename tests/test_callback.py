@@ -35,7 +35,8 @@ class FailsAtStep(LoraFinetuneModule):
         return super().training_step(batch, batch_idx)
 
 
-def _fit(tmp_path: Path, base: Path, export: HFExport, fail_at: int | None) -> L.Trainer:
+def _fit(tmp_path: Path, base: Path, export: HFExport, fail_at: int | None,
+         extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     data_file = tmp_path / "train.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in quickstart_rows("train")[:48]))
     data = InstructionDataModule(str(data_file), tokenizer=str(base), batch_size=4, val_split=0.0, max_length=48,
@@ -44,7 +45,8 @@ def _fit(tmp_path: Path, base: Path, export: HFExport, fail_at: int | None) -> L
     module = FailsAtStep(str(base), fail_at=fail_at, **kwargs) if fail_at is not None else LoraFinetuneModule(str(base), **kwargs)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
     trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[checkpoints, export], default_root_dir=tmp_path)
+                        enable_model_summary=False, callbacks=[checkpoints, export, *extra_callbacks],
+                        default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
     return trainer
 

@@ -18,7 +18,9 @@ import torch
 from lightning_lora.errors import ExportError
 from lightning_lora.export.fsdp import is_fsdp_checkpoint, read_fsdp_checkpoint
 from lightning_lora.export.keys import normalize_keys, select_adapter
-from lightning_lora.export.zero import is_zero_checkpoint, read_zero_checkpoint, resolve_zero_tag
+from lightning_lora.export.recorded import CHECKPOINT_KEY, CLIENT_NEEDED, LORA_HPARAMS
+from lightning_lora.export.unpickle import ForeignObjectError, load_torch_file
+from lightning_lora.export.zero import is_zero_checkpoint, read_model_states, read_zero_checkpoint, resolve_zero_tag
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -31,9 +33,6 @@ __all__ = [
     "read_adapter_config",
     "recorded_step",
 ]
-
-# Where LoraFinetuneModule and HFExport record what the export needs, inside any Lightning checkpoint.
-CHECKPOINT_KEY = "lightning_lora"
 
 
 @dataclass
@@ -167,10 +166,6 @@ def read_adapter_config(path: str | Path, argument: str) -> dict[str, Any]:
     return config
 
 
-# LoraFinetuneModule's hyperparameters that are LoraConfig fields of the same name.
-_LORA_HPARAMS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora", "use_dora",
-                 "init_lora_weights", "bias")
-
 
 def _metadata(client_state: dict[str, Any]) -> dict[str, Any]:
     """The LoRA config, base model and attribute prefix recorded in a Lightning checkpoint."""
@@ -180,7 +175,7 @@ def _metadata(client_state: dict[str, Any]) -> dict[str, Any]:
         # hyperparameters name the LoRA settings and the base model.
         hparams = client_state.get("hyper_parameters") or {}
         if "model_name_or_path" in hparams and "r" in hparams:
-            config = {key: hparams[key] for key in _LORA_HPARAMS if key in hparams}
+            config = {key: hparams[key] for key in LORA_HPARAMS if key in hparams}
             recorded.setdefault("peft_config", {**config, "peft_type": "LORA", "task_type": "CAUSAL_LM"})
             recorded.setdefault("base_model", hparams["model_name_or_path"])
             recorded.setdefault("prefix", "model.")
@@ -214,7 +209,9 @@ def load_checkpoint(
         kind, tag = "deepspeed", tag_dir.name
     elif path.is_file():
         try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = load_torch_file(path, needed=[("state_dict",), *CLIENT_NEEDED])
+        except ForeignObjectError:
+            raise
         except Exception as err:  # torch raises several types for a truncated or foreign file
             raise ExportError(f"--checkpoint={str(path)!r} is not a readable Lightning checkpoint: {err}") from err
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
@@ -256,7 +253,10 @@ def _load_adapter_dir(path: Path) -> TrainedCheckpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from lightning_lora.export.trust import check_pickled_weights, check_remote_code
+
     config = read_adapter_config(path, "--checkpoint")
+    check_remote_code(path, "--checkpoint")
     if config.get("peft_type", "LORA") != "LORA":
         raise ExportError(f"--checkpoint={str(path)!r} is a {config['peft_type']} adapter; only LoRA is supported")
     weights = path / "adapter_model.safetensors"
@@ -264,6 +264,7 @@ def _load_adapter_dir(path: Path) -> TrainedCheckpoint:
         if weights.is_file():
             tensors = load_file(weights)
         elif (path / "adapter_model.bin").is_file():
+            check_pickled_weights(path / "adapter_model.bin", "--checkpoint")
             tensors = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
         else:
             raise ExportError(f"--checkpoint={str(path)!r} has adapter_config.json but no adapter_model.safetensors")
@@ -285,13 +286,11 @@ def recorded_step(path: str | Path) -> int | None:
     path = Path(path)
     try:
         if path.is_dir() and is_fsdp_checkpoint(path):
-            state = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+            state = load_torch_file(path / "meta.pt", needed=[("global_step",)], report=False)
         elif path.is_dir():
-            from lightning_lora.export.zero import read_model_states
-
-            state = read_model_states(resolve_zero_tag(path))
+            state = read_model_states(resolve_zero_tag(path), report=False)
         else:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            state = load_torch_file(path, needed=[("global_step",)], report=False)
     except Exception:  # an unreadable candidate is simply not the one that is looked for
         return None
     step = state.get("global_step") if isinstance(state, dict) else None

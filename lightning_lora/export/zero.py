@@ -10,15 +10,18 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import types
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_lora.errors import ExportError
+from lightning_lora.export.paths import inside
+from lightning_lora.export.recorded import CLIENT_NEEDED
+from lightning_lora.export.unpickle import load_torch_file
 
 __all__ = [
     "ZeroCheckpointError",
@@ -49,9 +52,10 @@ def is_zero_checkpoint(path: Path) -> bool:
 
 
 def resolve_zero_tag(path: Path, tag: str | None = None) -> Path:
-    """The tag directory to read: ``path/tag``, the one ``path/latest`` names, or ``path`` itself."""
+    """The tag directory to read: ``path/tag``, the one ``path/latest`` names, or ``path`` itself;
+    never a directory outside ``path`` (through ``../`` or a symbolic link)."""
     if tag is not None:
-        tag_dir = path / tag
+        tag_dir = inside(path, tag, "--tag")
         if not _is_tag_dir(tag_dir):
             raise ZeroCheckpointError(f"--tag={tag!r}: {str(tag_dir)!r} is not a ZeRO tag directory; tags present: {_tags(path)}")
         return tag_dir
@@ -63,7 +67,7 @@ def resolve_zero_tag(path: Path, tag: str | None = None) -> Path:
             f"--checkpoint={str(path)!r} has no 'latest' file and no model states; tags present: {_tags(path)} "
             "(choose one with --tag)"
         )
-    tag_dir = path / latest.read_text().strip()
+    tag_dir = inside(path, latest.read_text().strip(), repr(str(latest)))
     if not _is_tag_dir(tag_dir):
         raise ZeroCheckpointError(f"{str(latest)!r} names tag {tag_dir.name!r}, but {str(tag_dir)!r} holds no model states")
     return tag_dir
@@ -73,9 +77,25 @@ def _tags(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if _is_tag_dir(p)) if path.is_dir() else []
 
 
-def _load(path: Path) -> dict[str, Any]:
-    # mmap: only the tensors that are touched are paged in, whatever the file size.
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+# What the export and zero_to_fp32 read from each file; a foreign object anywhere else is left unread.
+_MODEL_NEEDED = [
+    *((key,) for key in ("module", "buffer_names", "param_shapes", "frozen_param_shapes", "shared_params",
+                         "frozen_param_fragments", "ds_version", "dp_world_size")),
+    ("ds_config", "zero_optimization"), *CLIENT_NEEDED,
+]
+_OPTIM_NEEDED = [("optimizer_state_dict", key) for key in (
+    "zero_stage", "partition_count", "single_partition_of_fp32_groups", "fp32_flat_groups", "param_alignment_paddings")]
+
+
+def _load(path: Path, report: bool = True) -> dict[str, Any]:
+    """A rank file through the restricted loader, memory-mapped: only the tensors touched are paged in."""
+    needed = _OPTIM_NEEDED if _OPTIM_STATES.search(path.name) else _MODEL_NEEDED
+    try:
+        return load_torch_file(path, needed=needed, report=report)
+    except (ExportError, OSError):
+        raise
+    except Exception as err:  # torch raises several types for a damaged file
+        raise ZeroCheckpointError(f"{str(path)!r} is not readable: {err}") from err
 
 
 def check_rank_files(tag_dir: Path, states: dict[str, Any]) -> int:
@@ -110,32 +130,45 @@ def _check_readable(tag_dir: Path) -> None:
             )
 
 
-def read_model_states(tag_dir: Path) -> dict[str, Any]:
+def read_model_states(tag_dir: Path, report: bool = True) -> dict[str, Any]:
     """Rank 0's model states: engine metadata, the rank-0 module, and Lightning's client state."""
-    files = sorted(p for p in tag_dir.iterdir() if _MODEL_STATES.search(p.name))
-    # Stage 3 writes zero_pp_rank_0_mp_rank_00_model_states.pt; stages 1/2 mp_rank_00_model_states.pt.
-    return _load(files[0])
+    return _load(_model_states_files(tag_dir)[0], report)
 
 
-@contextmanager
-def _memory_mapped_loads() -> Iterator[None]:
-    """Make ``torch.load`` memory-map files while DeepSpeed consolidates a checkpoint.
+def _model_states_files(tag_dir: Path) -> list[Path]:
+    # Stage 3 writes zero_pp_rank_N_mp_rank_00_model_states.pt; stages 1/2 mp_rank_00_model_states.pt.
+    return sorted(p for p in tag_dir.iterdir() if _MODEL_STATES.search(p.name))
 
-    ``zero_to_fp32`` reads every rank's model-states file whole, and under ZeRO-3 those hold the
-    frozen weights' fragments: without a memory map the whole model lands in RAM even when only
-    the LoRA tensors are wanted. Memory-mapped, only the tensors it touches are paged in.
+
+class _TorchReadingWith(types.ModuleType):
+    """``torch`` as zero_to_fp32 sees it in :func:`_zero_to_fp32_reading`: ``load`` is ours."""
+
+    def __init__(self, load: Callable[..., Any]) -> None:
+        super().__init__("torch")
+        self.load = load
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _zero_to_fp32_reading(load: Callable[..., Any]) -> Callable[..., dict[str, torch.Tensor]]:
+    """DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` reading every file with ``load``.
+
+    zero_to_fp32 reads each rank file with ``torch.load(..., weights_only=False)``, through its
+    module's global name ``torch``. Its functions are rebuilt here over a copy of that namespace in
+    which ``torch.load`` is ``load``: the restricted loader, for this call only (neither torch nor
+    zero_to_fp32 is changed for anyone else in the process).
     """
-    original = torch.load
+    from deepspeed.utils import zero_to_fp32
 
-    def load(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("mmap", True)
-        return original(*args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
+    namespace = dict(vars(zero_to_fp32))
+    namespace["torch"] = _TorchReadingWith(load)
+    for name, value in vars(zero_to_fp32).items():
+        if isinstance(value, types.FunctionType) and value.__module__ == zero_to_fp32.__name__:
+            copy = types.FunctionType(value.__code__, namespace, value.__name__, value.__defaults__, value.__closure__)
+            copy.__kwdefaults__ = value.__kwdefaults__
+            namespace[name] = copy
+    return namespace["get_fp32_state_dict_from_zero_checkpoint"]
 
 
 def read_zero_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], ZeroFrozenTensors, dict[str, Any]]:
@@ -156,9 +189,18 @@ def read_zero_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], ZeroFr
     parameters = inspect.signature(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint).parameters
     if "exclude_frozen_parameters" in parameters:
         kwargs["exclude_frozen_parameters"] = True
+    reported = {_model_states_files(tag_dir)[0]}  # read_model_states named what it left unread
+
+    def load(file: str, *args: Any, **options: Any) -> dict[str, Any]:
+        path = Path(file)
+        states = _load(path, report=path not in reported)
+        reported.add(path)
+        return states
+
     try:
-        with _memory_mapped_loads():
-            tensors = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), **kwargs)
+        tensors = _zero_to_fp32_reading(load)(str(tag_dir.parent), **kwargs)
+    except ExportError:
+        raise
     except (FileNotFoundError, ValueError, RuntimeError, EOFError, KeyError) as err:
         raise ZeroCheckpointError(f"DeepSpeed could not consolidate {str(tag_dir)!r}: {err}") from err
     # Owned copies: the values may be views into memory-mapped checkpoint files.
@@ -243,7 +285,7 @@ class ZeroFrozenTensors(Mapping[str, torch.Tensor]):
                 (p for p in self.tag_dir.iterdir() if (m := _MODEL_STATES.search(p.name)) and m.group(1) is not None),
                 key=lambda p: int(_MODEL_STATES.search(p.name).group(1)),
             )
-            self._rank_states = [_load(file) for file in files]
+            self._rank_states = [_load(file, report=False) for file in files]
         return self._rank_states
 
 

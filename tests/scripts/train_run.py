@@ -323,10 +323,10 @@ def _inject_oserror() -> None:
 
     original = zero._load
 
-    def flaky(path: Path) -> dict:
+    def flaky(path: Path, *args, **kwargs) -> dict:
         if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
             raise OSError(f"[Errno 5] Input/output error: {str(path)!r} (injected)")
-        return original(path)
+        return original(path, *args, **kwargs)
 
     zero._load = flaky
 

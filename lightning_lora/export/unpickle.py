@@ -1,0 +1,198 @@
+"""One loader for every pickle the project reads: a checkpoint is data, never code.
+
+Lightning ``.ckpt`` files, DeepSpeed's model and optimizer states, FSDP's ``meta.pt`` and
+``.metadata`` are pickles, and a pickle names the functions that rebuild its objects. Here a name is
+resolved only through :mod:`lightning_lora.export.allowlist`; any other name is neither imported
+nor called: where the file uses it, the value becomes an :class:`Unread` placeholder that does
+nothing. A reader then says which values it needs (``needed``): a placeholder there fails the
+export in one line naming the file, the key and the type; placeholders elsewhere (a user's
+hyper-parameter class, a callback's state) are reported in one line and left alone.
+
+torch's zip format is read by ``torch.load`` itself (memory-mapped), with this module's unpickler
+in place of ``pickle``'s: tensors are rebuilt by torch, everything else is resolved here.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import IO, Any, ClassVar
+
+import torch
+
+from lightning_lora.errors import ExportError
+from lightning_lora.export.allowlist import is_suspicious, resolve
+
+__all__ = ["ForeignObjectError", "Unread", "load_pickle", "load_torch_file"]
+
+_log = logging.getLogger("lightning_lora")
+Key = tuple[Any, ...]
+
+
+class ForeignObjectError(ExportError):
+    """A value the export needs is an object of a type the loader does not read."""
+
+
+class Unread:
+    """Stands where a file put an object of a type that is not allowed: nothing of it was imported
+    or run, and it does nothing. ``type_name`` is the name the file gave (``module.name``)."""
+
+    type_name: ClassVar[str] = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Unread:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    # What the pickle machine calls on an object it builds (BUILD, SETITEMS, APPENDS): all ignored.
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<unread {self.type_name}>"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves names through the allowlist only, recording the others."""
+
+    record: ClassVar[dict[str, type[Unread]]] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = resolve(module, name)
+        if allowed is not None:
+            return allowed
+        full = f"{module}.{name}"
+        if full not in self.record:
+            self.record[full] = type(f"Unread[{full}]", (Unread,), {"type_name": full, "__module__": __name__})
+        return self.record[full]
+
+
+def _unpickler_for(record: dict[str, type[Unread]]) -> type[_RestrictedUnpickler]:
+    """A restricted unpickler class that records the names it refused in ``record`` (one per load)."""
+    return type("RestrictedUnpickler", (_RestrictedUnpickler,), {"record": record})
+
+
+def _refuse_legacy(*args: Any, **kwargs: Any) -> Any:
+    raise pickle.UnpicklingError("torch's legacy (pre-1.6) format is not read")
+
+
+def _check_archive(path: Path) -> None:
+    """Only torch's zip format is read; a TorchScript archive holds code and is refused."""
+    if not zipfile.is_zipfile(path):
+        raise pickle.UnpicklingError("not a torch checkpoint archive (a zip file): truncated, still being written, or "
+                                     "another format (torch's legacy format is not read)")
+    with zipfile.ZipFile(path) as archive:
+        if any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist()):
+            raise pickle.UnpicklingError("a TorchScript archive, which holds code: not read")
+
+
+def load_torch_file(path: str | Path, *, argument: str = "--checkpoint", needed: Iterable[Key] = (),
+                    report: bool = True, mmap: bool = True) -> Any:
+    """What ``torch.save`` wrote to ``path``, read without importing or calling anything not allowed.
+
+    Args:
+        path: a torch zip archive (``.ckpt``, DeepSpeed's ``*_states.pt``, FSDP's ``meta.pt``).
+        argument: the option that named the checkpoint, for errors.
+        needed: key paths (``("state_dict",)``, ``("optimizer_state_dict", "zero_stage")``) whose
+            values the caller uses: an object not read there fails in one line.
+        report: log one line naming the objects left unread elsewhere.
+        mmap: memory-map the tensors (only those touched are paged in).
+
+    Raises:
+        ForeignObjectError: a needed value is an object of a type that is not allowed.
+        pickle.UnpicklingError: not a torch zip archive, a TorchScript archive, or damaged (the
+            caller names the file in its own words); ``OSError`` as ``open`` raises it.
+    """
+    path = Path(path)
+    _check_archive(path)
+    record: dict[str, type[Unread]] = {}
+    module = SimpleNamespace(__name__=__name__, Unpickler=_unpickler_for(record), load=_refuse_legacy)
+    data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False, pickle_module=module)
+    if record:
+        _account(path, data, record, needed, argument, report)
+    return data
+
+
+def load_pickle(file: IO[bytes], path: str | Path, *, argument: str = "--checkpoint", needed: Iterable[Key] = (),
+                report: bool = True) -> Any:
+    """A plain pickle stream (torch.distributed.checkpoint's ``.metadata``), read like :func:`load_torch_file`."""
+    record: dict[str, type[Unread]] = {}
+    data = _unpickler_for(record)(file).load()
+    if record:
+        _account(Path(path), data, record, needed, argument, report)
+    return data
+
+
+def _account(path: Path, data: Any, record: dict[str, type[Unread]], needed: Iterable[Key], argument: str,
+             report: bool) -> None:
+    """Fail on a placeholder where a needed value is; name the others in one line."""
+    found = list(_placeholders(data, ()))
+    needed = [tuple(key) for key in needed]
+    for key, type_name in found:
+        if any(_overlaps(key, want) for want in needed):
+            raise ForeignObjectError(
+                f"{argument}: {str(path)!r} key {_key_text(key)} holds a {_type_text(type_name)}, which the export needs; "
+                "only the types listed in lightning_lora/export/allowlist.py are read (nothing of it was imported or run)"
+            )
+    if not report:
+        return
+    places: dict[str, list[str]] = {name: [] for name in record}
+    for key, type_name in found:
+        places.setdefault(type_name, []).append(_key_text(key))
+    parts = [f"{_type_text(name)} at {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" if keys
+             else f"{_type_text(name)} (dropped)" for name, keys in places.items()]
+    _log.warning("%s: %s: left unread (not needed by the export; nothing of it was imported or run): %s",
+                 argument, str(path), "; ".join(parts))
+
+
+def _placeholders(value: Any, key: Key, seen: set[int] | None = None) -> Iterable[tuple[Key, str]]:
+    """``(key path, type name)`` of every placeholder inside ``value`` (dicts, sequences, objects)."""
+    if isinstance(value, Unread) or (isinstance(value, type) and issubclass(value, Unread)):
+        yield key, value.type_name
+        return
+    if isinstance(value, (torch.Tensor, str, bytes, int, float, type(None))) or isinstance(value, type):
+        return
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _placeholders(name, (*key, "<key>"), seen)
+            yield from _placeholders(item, (*key, name), seen)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for index, item in enumerate(value):
+            yield from _placeholders(item, (*key, index), seen)
+    elif hasattr(value, "__dict__"):
+        for name, item in vars(value).items():
+            yield from _placeholders(item, (*key, name), seen)
+
+
+def _overlaps(key: Key, needed: Key) -> bool:
+    """Whether the value at ``key`` is, holds, or is held by the value at ``needed``."""
+    shorter = min(len(key), len(needed))
+    return key[:shorter] == needed[:shorter]
+
+
+def _key_text(key: Key) -> str:
+    return "".join(f"[{part!r}]" for part in key) or "(the whole file)"
+
+
+def _type_text(type_name: str) -> str:
+    module, _, name = type_name.rpartition(".")
+    suspicious = " (suspicious: names code that could run)" if is_suspicious(module, name) else ""
+    return f"{type_name}{suspicious}"
