@@ -137,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-drift", type=float, help="QLoRA: fail if more than this fraction of probe tokens' argmax "
                         "differs from the trained 4-bit model (default: report only)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export in --output (never anything else)")
+    parser.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
@@ -173,6 +174,7 @@ def export_main(argv: list[str]) -> int:
             workers=args.workers,
             device=args.device,
             progress=sys.stderr.isatty(),
+            trust_remote_code=args.trust_remote_code,
         )
     except Exception as err:
         return _fail("export", err, args.debug)
@@ -209,6 +211,7 @@ def verify_main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", help="the run's checkpoint (default: the one export.json names; without it, "
                         "the exported adapter is the reference)")
     parser.add_argument("--device", help="where to compute, e.g. cpu or cuda (default: cuda when available)")
+    parser.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = parser.parse_args(argv)
     _quiet(args.debug, keep_info=args.debug)
@@ -216,7 +219,7 @@ def verify_main(argv: list[str]) -> int:
     try:
         from lightning_lora.export.verify import verify_directory
 
-        report = verify_directory(Path(args.dir), args.base_model, args.checkpoint, args.device)
+        report = verify_directory(Path(args.dir), args.base_model, args.checkpoint, args.device, args.trust_remote_code)
     except Exception as err:
         return _fail("verify", err, args.debug)
     if report["problems"]:
@@ -243,6 +246,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), fp32, bf16 or fp16")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts or examples per forward pass (default: 8)")
+    parser.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
@@ -273,6 +277,8 @@ def _generate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TRUST_HELP = "run the custom code (auto_map) a model, adapter or tokenizer maps to; without it such an input is refused"
+
 # Errors whose message is written for the user (names the argument and the value); anything else
 # is a bug or an environment problem, reported with its type and a pointer to --debug.
 _USER_ERRORS = (ValueError, OSError)
@@ -292,15 +298,18 @@ def _fail(command: str, err: BaseException, debug: bool) -> int:
 def _recorded_heldout(checkpoint: str) -> list[dict[str, list[list[int]]]] | None:
     """A 4-bit run's validation batches, rebuilt from the data module its Lightning checkpoint
     records, for the drift report's held-out loss; ``None`` when there are none to rebuild here."""
-    import torch
-
-    from lightning_lora.export.checkpoint import CHECKPOINT_KEY
+    from lightning_lora.export.recorded import CHECKPOINT_KEY
+    from lightning_lora.export.unpickle import ForeignObjectError, load_torch_file
 
     path = Path(checkpoint)
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        # The export reads this file too and names what it leaves unread: no second report here.
+        state = load_torch_file(path, needed=[(CHECKPOINT_KEY,), ("datamodule_hyper_parameters",)], report=False)
+    except ForeignObjectError as err:
+        logging.getLogger("lightning_lora").warning("held-out loss not measured: %s", err)
+        return None
     except Exception:  # the export itself reports an unreadable checkpoint, in one line
         return None
     if not isinstance(state, dict) or not (state.get(CHECKPOINT_KEY) or {}).get("quantization"):
@@ -359,7 +368,8 @@ def generate_main(argv: list[str]) -> int:
         warn_outside_tested_range()
         from lightning_lora import inference
 
-        model, tokenizer = inference.load_for_generation(args.model, args.adapter, dtype=args.dtype, device=args.device)
+        model, tokenizer = inference.load_for_generation(args.model, args.adapter, dtype=args.dtype, device=args.device,
+                                                         trust_remote_code=args.trust_remote_code)
         if args.prompt is not None:
             row = {"instruction": args.prompt, "input": args.input}
             prompts = [inference.render_prompt(args.prompt if args.raw else row, args.template, tokenizer, args.raw)]
@@ -418,7 +428,8 @@ def evaluate_main(argv: list[str]) -> int:
         from lightning_lora import evaluation, inference
 
         adapters = [args.adapter] if args.adapter else []
-        model, tokenizer = inference.load_for_generation(args.model, adapters, dtype=args.dtype, device=args.device)
+        model, tokenizer = inference.load_for_generation(args.model, adapters, dtype=args.dtype, device=args.device,
+                                                         trust_remote_code=args.trust_remote_code)
         metrics = evaluation.evaluate(
             model, tokenizer, args.data, format=args.format, template=args.template, max_length=args.max_length,
             batch_size=args.batch_size, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens,

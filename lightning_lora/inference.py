@@ -79,7 +79,21 @@ def _adapter_dirs(adapters: Sequence[str | Path] | Mapping[str, str | Path]) -> 
     return named
 
 
-def _load_tokenizer(model_path: str, adapters: Mapping[str, Path]) -> Any:
+def _check_code(model_path: str, adapters: Mapping[str, Path], trust: bool) -> None:
+    """Refuse, before loading anything, a model or adapter that would run its own code (unless
+    ``trust``) or whose weights are pickles this torch cannot load safely."""
+    from lightning_lora.export.trust import check_pickled_weights, check_remote_code
+
+    for argument, directory in [("--model", Path(model_path)), *(("--adapter", path) for path in adapters.values())]:
+        if not directory.is_dir():
+            continue  # a hub id: transformers refuses its custom code itself (trust_remote_code is passed on)
+        check_remote_code(directory, argument, trust)
+        pickled = sorted(directory.glob("*.bin"))
+        if pickled and not any(directory.glob("*.safetensors")):
+            check_pickled_weights(pickled[0], argument)
+
+
+def _load_tokenizer(model_path: str, adapters: Mapping[str, Path], trust: bool = False) -> Any:
     """The tokenizer the adapters were trained with if they ship one (added tokens), else the model's."""
     from transformers import AutoTokenizer
 
@@ -87,14 +101,15 @@ def _load_tokenizer(model_path: str, adapters: Mapping[str, Path]) -> Any:
     tokenizers = {}
     for name, path in shipped.items():
         try:
-            tokenizers[name] = AutoTokenizer.from_pretrained(path)
+            tokenizers[name] = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         except (OSError, ValueError) as err:
             raise ValueError(f"--adapter={str(path)!r} ships a tokenizer that cannot be loaded: {err}") from err
     vocabularies = {name: tokenizer.get_vocab() for name, tokenizer in tokenizers.items()}
     if len({tuple(sorted(v.items())) for v in vocabularies.values()}) > 1:
         sizes = {str(shipped[name]): len(vocab) for name, vocab in vocabularies.items()}
         raise ValueError(f"the --adapter directories ship different tokenizers {sizes}: load them in separate runs")
-    tokenizer = next(iter(tokenizers.values()), None) or AutoTokenizer.from_pretrained(model_path)
+    tokenizer = next(iter(tokenizers.values()), None)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # as the data module does; padding is masked anyway
     return tokenizer
@@ -106,6 +121,7 @@ def load_for_generation(
     *,
     dtype: str = "auto",
     device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
     """Load a model, and optionally adapters onto it, ready to generate or be evaluated.
 
@@ -115,6 +131,8 @@ def load_for_generation(
             a ``{name: dir}`` mapping; a name defaults to the directory's name. The first one is active.
         dtype: ``auto`` (the checkpoint's), ``fp32``, ``bf16`` or ``fp16``.
         device: where to run; default ``cuda`` when available, else ``cpu``.
+        trust_remote_code: run the custom code (``auto_map``) the model, an adapter or a tokenizer
+            maps to; without it such a directory is refused.
 
     Returns:
         ``(model, tokenizer)``: a ``PeftModel`` holding every adapter when adapters were given, else the
@@ -126,10 +144,11 @@ def load_for_generation(
     torch_dtype = parse_dtype(dtype, "--dtype") or "auto"
     model_path = _model_path(model)
     named = _adapter_dirs(adapters)
+    _check_code(model_path, named, trust_remote_code)
     try:
-        tokenizer = _load_tokenizer(model_path, named)
+        tokenizer = _load_tokenizer(model_path, named, trust_remote_code)
         restore_class_decorators()  # a training in this process may have created its classes in deepspeed.zero.Init
-        net = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        net = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except OSError as err:  # transformers' message names the file, not the argument
         raise OSError(f"--model={str(model)!r} cannot be loaded: {err}") from err
     if named:

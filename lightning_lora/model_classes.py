@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 _DEEPSPEED_SAVED_INIT = "_old_init"
 
 
-def import_model_classes(model: str | os.PathLike[str] | Any) -> type | None:
+def import_model_classes(model: str | os.PathLike[str] | Any, trust_remote_code: bool = False) -> type | None:
     """Import the causal-LM class of ``model`` (a directory, hub id or ``PretrainedConfig``), and so
     every class its modeling module defines, while no ``deepspeed.zero.Init`` is active.
 
@@ -51,7 +51,7 @@ def import_model_classes(model: str | os.PathLike[str] | Any) -> type | None:
     from transformers import AutoConfig, PretrainedConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = model if isinstance(model, PretrainedConfig) else AutoConfig.from_pretrained(model)
+    config = model if isinstance(model, PretrainedConfig) else AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lookup imports the modeling module
     except KeyError:

@@ -26,6 +26,7 @@ from lightning_lora.export.options import ExportOptions
 from lightning_lora.export.pipeline import export_checkpoint, export_shared
 from lightning_lora.export.quantized import keep_training_layout, quantization_record, quantized_state
 from lightning_lora.export.tokens import tokenizer_files
+from lightning_lora.export.trust import check_remote_code
 from lightning_lora.export.zero import check_rank_files, read_model_states, resolve_zero_tag
 from lightning_lora.model_classes import import_model_classes, restore_class_decorators
 from lightning_lora.versions import warn_outside_tested_range
@@ -65,6 +66,8 @@ class HFExport(L.Callback):
         max_drift: fail the export when more than this fraction of the probe tokens' argmax differs
             from the trained 4-bit model; by default drift is reported (with the held-out loss
             of both models on a few validation batches) and never fails.
+        trust_remote_code: run the custom code (``auto_map``) of a base model or tokenizer that maps
+            to one; without it the export refuses such a base.
     """
 
     def __init__(
@@ -81,12 +84,14 @@ class HFExport(L.Callback):
         export_on_exception: bool = False,
         merge_base: Literal["dequantized", "original"] = "dequantized",
         max_drift: float | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         try:
             # Validated here, where the callback is built, not at the end of a long run.
             self.options = ExportOptions(base_model=base_model, dtype=dtype, max_shard_size=max_shard_size, merge=merge,
                                          merge_impl=merge_impl, save_adapter=save_adapter, verify=verify,
-                                         overwrite=overwrite, merge_base=merge_base, max_drift=max_drift)
+                                         overwrite=overwrite, merge_base=merge_base, max_drift=max_drift,
+                                         trust_remote_code=trust_remote_code)
         except ExportError as err:  # name the argument of this class, not the command's option
             message = re.sub(r"^--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(err))
             raise ValueError(f"HFExport {message}") from err
@@ -101,7 +106,10 @@ class HFExport(L.Callback):
         # Before Lightning enters deepspeed.zero.Init around configure_model: a model class first
         # imported inside it loses its class decorators when it exits (see model_classes.py).
         if self.options.base_model is not None and Path(self.options.base_model).is_dir():
-            import_model_classes(self.options.base_model)
+            # Refused before training, not after it: the export would refuse it then.
+            check_remote_code(self.options.base_model, "HFExport base_model", self.options.trust_remote_code,
+                              flag="HFExport(trust_remote_code=True)")
+            import_model_classes(self.options.base_model, trust_remote_code=self.options.trust_remote_code)
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from lightning_lora.errors import ExportError
+from lightning_lora.export.trust import remote_code
 
 log = logging.getLogger("lightning_lora")
 
@@ -212,7 +213,7 @@ def save_tokenizer(source: str | Path, directory: Path) -> None:
     """The tokenizer files of ``source``, as ``save_pretrained`` writes them."""
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(source, **remote_code()).save_pretrained(directory)
 
 
 def file_manifest(root: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:

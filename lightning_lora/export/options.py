@@ -51,6 +51,8 @@ class ExportOptions:
             the export and the model that was trained (QLoRA); by default drift is only reported.
         heldout: validation batches (``input_ids``, ``labels``, optional ``attention_mask`` as
             lists) on which the drift report compares the loss of both models.
+        trust_remote_code: run the custom code (``auto_map``) of a base model, adapter or tokenizer
+            that maps to one; without it such an input is refused (``--trust-remote-code``).
     """
 
     base_model: str | None = None
@@ -76,6 +78,7 @@ class ExportOptions:
     merge_base: str = "dequantized"
     max_drift: float | None = None
     heldout: list[dict[str, list[list[int]]]] | None = field(default=None, compare=False)
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         try:

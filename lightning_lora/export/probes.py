@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lightning_lora.export.trust import remote_code
+
 __all__ = ["MIN_PROBES", "PROBE_TOKENS", "build_probes", "probes_for"]
 
 MIN_PROBES = 4
@@ -62,7 +64,8 @@ def probes_for(merged_dir: Path, vocab_size: int, base_vocab: int | None, texts:
     ``texts``), every added token, and every row the run added to the base's vocabulary."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir) if (merged_dir / "tokenizer_config.json").is_file() else None
+    shipped = (merged_dir / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir, **remote_code()) if shipped else None
     added = [] if tokenizer is None else sorted(tokenizer.added_tokens_decoder)
     new_rows = range(base_vocab, vocab_size) if base_vocab else range(0)
     return build_probes(vocab_size, tokenizer, texts, special_ids=[*added, *new_rows])

@@ -20,6 +20,8 @@ from lightning_lora.export.inits import rewrites_base
 from lightning_lora.export.options import ExportOptions
 from lightning_lora.export.quantized import QuantizedBase
 from lightning_lora.export.structure import build_meta_peft_model, trained_by_model_key
+from lightning_lora.export.tokens import check_tokenizer_files
+from lightning_lora.export.trust import check_remote_code
 from lightning_lora.export.weights import WeightFiles, read_config
 from lightning_lora.tiny import resolve_model_path
 
@@ -84,6 +86,7 @@ def resolve_base(base_model: str | None, checkpoint: TrainedCheckpoint | None = 
         raise ExportError(f"--base-model={str(name)!r}: {err}") from err
     if not Path(path).is_dir():
         raise ExportError(f"--base-model={str(name)!r} is not a model directory (models are never downloaded here)")
+    check_remote_code(path, "--base-model")  # before anything reads its config
     return str(name), path
 
 
@@ -99,6 +102,11 @@ def base_files(base_path: str, base_name: str) -> WeightFiles:
         prefix = ""
     files = WeightFiles(base_path, f"--base-model={base_name!r}", prefix)
     if not files:
+        pickled = sorted(p.name for p in Path(base_path).glob("*.bin"))
+        if pickled:  # read only as safetensors: a pickle could run code, and cannot be read one tensor at a time
+            raise ExportError(f"--base-model={base_name!r} holds its weights only as pickles ({', '.join(pickled[:3])}), "
+                              "which the export never loads: convert them to safetensors (from_pretrained then "
+                              "save_pretrained, with torch >= 2.6, writes them)")
         raise ExportError(f"--base-model={base_name!r} holds no safetensors weights (model.safetensors or an index)")
     return files
 
@@ -107,6 +115,8 @@ def read_sources(checkpoint: str | Path | TrainedCheckpoint, options: ExportOpti
     """Read the checkpoint and match it to the base model and the LoRA config."""
     if not isinstance(checkpoint, TrainedCheckpoint):
         checkpoint = load_checkpoint(checkpoint, prefix=options.prefix, tag=options.tag, adapter_name=options.adapter_name)
+    if checkpoint.tokenizer_files is not None:
+        check_tokenizer_files(checkpoint.tokenizer_files, checkpoint.source)
     config = options.lora_config if options.lora_config is not None else checkpoint.lora_config
     if config is None:
         raise ExportError(f"{checkpoint.source!r} does not record its LoRA config; pass --lora-config")
@@ -120,7 +130,7 @@ def read_sources(checkpoint: str | Path | TrainedCheckpoint, options: ExportOpti
         peft_model = build_meta_peft_model(base_path, config, checkpoint.vocab_size)
     except ValueError as err:  # a recorded vocabulary smaller than the base's, a config PEFT refuses
         raise ExportError(f"--base-model={base_name!r} and the LoRA config do not fit the run: {err}") from err
-    trained = trained_by_model_key(peft_model, checkpoint)
+    trained = trained_by_model_key(peft_model, checkpoint, f"--base-model={base_name!r}")
     frozen = checkpoint.frozen_tensors(set(trained))
     quantized = QuantizedBase.read(frozen, checkpoint.quantization)
     if quantized is not None:

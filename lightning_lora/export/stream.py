@@ -21,6 +21,7 @@ import torch
 from lightning_lora.errors import ExportError
 from lightning_lora.export.plan import Entry, MergePlan, Update
 from lightning_lora.export.tokens import mean_rows
+from lightning_lora.export.trust import copy_code_files
 from lightning_lora.export.weights import SAFETENSORS_DTYPES, WeightFiles
 
 __all__ = ["merged_value", "streamed_values", "write_config", "write_index", "write_shards"]
@@ -167,5 +168,6 @@ def write_config(model: Any, base_dir: Path, output_dir: Path, dtype: torch.dtyp
         config.tie_word_embeddings = False
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(output_dir)
+    copy_code_files(base_dir, output_dir)  # a custom model trusted by name: its code, as save_pretrained ships it
     if (base_dir / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(base_dir).save_pretrained(output_dir)

@@ -17,6 +17,7 @@ from lightning_lora.errors import ExportError
 from lightning_lora.export.checkpoint import TrainedCheckpoint, lora_config_from_dict
 from lightning_lora.export.quantized import quantized_entries
 from lightning_lora.export.tokens import resize_vocab
+from lightning_lora.export.trust import remote_code
 from lightning_lora.export.weights import read_config
 from lightning_lora.model_classes import restore_class_decorators
 
@@ -52,7 +53,7 @@ def build_meta_peft_model(base_dir: str | Path, lora_config: dict[str, Any], voc
     restore_class_decorators()  # a training in this process may have created its classes in deepspeed.zero.Init
     # Parameters on the meta device, buffers (derived from the config, not stored) real.
     with init_empty_weights(include_buffers=False):
-        base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **remote_code())
     base.tie_weights()  # the context's own parameter registration undoes the tie the model made
     if vocab_size is not None:
         resize_vocab(base, vocab_size)
@@ -72,7 +73,7 @@ def build_peft_model(base_model: str | Path, lora_config: dict[str, Any], vocab_
     from transformers import AutoModelForCausalLM
 
     restore_class_decorators()
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto", **remote_code())
     if vocab_size is not None:
         resize_vocab(base, vocab_size)
     model = get_peft_model(base, _peft_config(base_model, lora_config), autocast_adapter_dtype=True)
@@ -90,18 +91,20 @@ def merged_meta_model(merged_dir: Path) -> tuple[Any, Any]:
     config = read_config(merged_dir, "merged")
     restore_class_decorators()
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **remote_code())
     model.tie_weights()
     return model, config
 
 
-def trained_by_model_key(model: Any, checkpoint: TrainedCheckpoint) -> dict[str, torch.Tensor]:
+def trained_by_model_key(model: Any, checkpoint: TrainedCheckpoint,
+                         base: str = "--base-model") -> dict[str, torch.Tensor]:
     """The checkpoint's trained tensors keyed like ``model.state_dict()``, checked against ``model``.
 
     Every trainable parameter of the rebuilt PEFT model must come from the checkpoint, every
     tensor of the checkpoint must name a tensor of the model, and shapes must agree; any gap fails
-    with names. ``model`` may live on the meta device: only names and shapes are used. Frozen
-    tensors a Lightning checkpoint holds beside them are left to :meth:`TrainedCheckpoint.frozen_tensors`.
+    with names, and ``base`` (the base as the user named it, ``--base-model='dir'``). ``model`` may
+    live on the meta device: only names and shapes are used. Frozen tensors a Lightning checkpoint
+    holds beside them are left to :meth:`TrainedCheckpoint.frozen_tensors`.
     """
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     # A 4-bit base's packed weights and their quantization state (QLoRA) are frozen: read apart.
@@ -122,7 +125,7 @@ def trained_by_model_key(model: Any, checkpoint: TrainedCheckpoint) -> dict[str,
         if shapes[key] != tuple(value.shape):
             raise ExportError(
                 f"checkpoint tensor {key!r} has shape {tuple(value.shape)} but the base model's is "
-                f"{shapes[key]}: --base-model is not the model this run trained, or --r / "
+                f"{shapes[key]}: {base} is not the model this checkpoint was trained from, or --r / "
                 "the LoRA config differs from training"
             )
     return {key: tensors[key] for key in trainable}

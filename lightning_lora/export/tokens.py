@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,12 @@ from typing import Any
 import torch
 
 from lightning_lora.errors import ExportError
+from lightning_lora.export.trust import remote_code
 
 __all__ = [
+    "TOKENIZER_FILES",
     "add_tokens",
+    "check_tokenizer_files",
     "embedding_names",
     "mean_rows",
     "reconcile_special_ids",
@@ -29,6 +33,18 @@ __all__ = [
     "tokenizer_files",
     "write_tokenizer_files",
 ]
+
+# What tokenizers' save_pretrained writes (transformers 5; the vocabulary files of every tokenizer
+# class): all a recorded tokenizer may hold. Never a path, never a model's own file (config.json,
+# weights, an index, export.json), which a checkpoint could otherwise overwrite in the export.
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model", "sentencepiece.model", "spm.model", "bpe.codes", "dict.txt",
+    "normalizer.json", "tekken.json",
+})
+
+log = logging.getLogger("lightning_lora")
 
 
 def embedding_names(model: torch.nn.Module) -> tuple[str, str | None]:
@@ -73,16 +89,49 @@ def mean_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, str]:
-    """The files ``tokenizer.save_pretrained`` writes, by name: a tokenizer as checkpoint data."""
+    """The files ``tokenizer.save_pretrained`` writes, by name: a tokenizer as checkpoint data
+    (only :data:`TOKENIZER_FILES`, which is all an export will write back)."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return {path.name: path.read_text(encoding="utf-8") for path in sorted(Path(tmp).iterdir()) if path.is_file()}
+        paths = sorted(path for path in Path(tmp).iterdir() if path.is_file())
+        left_out = [path.name for path in paths if path.name not in TOKENIZER_FILES]
+        if left_out:
+            log.warning("the checkpoint records the tokenizer without %s: not files an export writes", left_out)
+        return {path.name: path.read_text(encoding="utf-8") for path in paths if path.name in TOKENIZER_FILES}
+
+
+def check_tokenizer_files(files: Any, source: str) -> None:
+    """Refuse, in one line, a recorded tokenizer (``{file name: text}``) that is not only tokenizer
+    files: a checkpoint whose record would write ``config.json``, weights or a path outside the
+    export is not a tokenizer, whoever made it. Nor may it map to custom code unless trusted."""
+    from lightning_lora.export.recorded import CHECKPOINT_KEY
+    from lightning_lora.export.trust import TRUST_FLAG, custom_code_in
+
+    where = f"--checkpoint={source!r} records under {CHECKPOINT_KEY!r} -> 'tokenizer'"
+    if not isinstance(files, dict):
+        raise ExportError(f"{where} a {type(files).__name__}, not a mapping of tokenizer file names to their text")
+    for name, text in files.items():
+        if name not in TOKENIZER_FILES:
+            raise ExportError(f"{where} a file named {name!r}, which is not a tokenizer file (one of "
+                              f"{sorted(TOKENIZER_FILES)}): refusing to write it into the export")
+        if not isinstance(text, str):
+            raise ExportError(f"{where} {name!r} as a {type(text).__name__}, not as text")
+    try:
+        config = json.loads(files.get("tokenizer_config.json") or "{}")
+    except ValueError as err:
+        raise ExportError(f"{where} a tokenizer_config.json that is not valid JSON: {err}") from err
+    found = custom_code_in("tokenizer_config.json", config)
+    if found is not None and not remote_code()["trust_remote_code"]:
+        raise ExportError(f"{where} a tokenizer that maps to custom code ({found}): pass {TRUST_FLAG} to run it")
 
 
 def write_tokenizer_files(files: dict[str, str], directory: Path) -> None:
+    """Write a recorded tokenizer into ``directory``: tokenizer file names only, never a path."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        (directory / Path(name).name).write_text(text, encoding="utf-8")
+        if name not in TOKENIZER_FILES:  # check_tokenizer_files refused it when the checkpoint was read
+            raise ExportError(f"{name!r} is not a tokenizer file name; refusing to write it into {str(directory)!r}")
+        (directory / name).write_text(text, encoding="utf-8")
 
 
 def reconcile_special_ids(merged_dir: Path) -> list[str]:
@@ -94,7 +143,7 @@ def reconcile_special_ids(merged_dir: Path) -> list[str]:
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir, **remote_code())
     vocab_size = json.loads((merged_dir / "config.json").read_text()).get("vocab_size")
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise ExportError(

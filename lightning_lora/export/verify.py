@@ -29,6 +29,8 @@ from lightning_lora.export.probes import build_probes, probes_for
 from lightning_lora.export.reference import TrainedModel
 from lightning_lora.export.structure import merged_meta_model
 from lightning_lora.export.tensor_check import check_tensors, expected_keys
+from lightning_lora.export.paths import inside
+from lightning_lora.export.trust import check_remote_code, trusting
 from lightning_lora.export.weights import WeightFiles
 
 __all__ = ["check_config", "compute_device", "describe_tolerances", "summarize_verification", "verify_directory", "verify_export",
@@ -182,6 +184,14 @@ def _shape_problems(merged_dir: Path) -> list[str]:
 
 
 def verify_directory(export_dir: Path, base_model: str | Path | None = None, checkpoint: str | Path | None = None,
+                     device: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Re-check a finished export: see :func:`_check_directory`. ``trust_remote_code`` lets a base or
+    merged model that maps to custom code (``auto_map``) run it; without it such a model is refused."""
+    with trusting(trust_remote_code):
+        return _check_directory(Path(export_dir), base_model, checkpoint, device)
+
+
+def _check_directory(export_dir: Path, base_model: str | Path | None = None, checkpoint: str | Path | None = None,
                      device: str | None = None) -> dict[str, Any]:
     """Re-check a finished export against its ``export.json``, and with ``base_model`` against the trained model.
 
@@ -203,6 +213,10 @@ def verify_directory(export_dir: Path, base_model: str | Path | None = None, che
         recorded = manifest["files"]
     except (ValueError, KeyError, TypeError) as err:
         raise ExportError(f"DIR={str(export_dir)!r}: export.json is not an export manifest ({err})") from err
+    for name in recorded:  # the names export.json lists, and every link in the export: none may lead out
+        inside(export_dir, name, f"DIR={str(export_dir)!r}: export.json")
+    for path in export_dir.rglob("*"):
+        inside(export_dir, path.relative_to(export_dir).as_posix(), f"DIR={str(export_dir)!r}")
     actual = file_manifest(export_dir)
     actual.pop("export.json", None)
     problems = [f"missing file {name}" for name in sorted(set(recorded) - set(actual))]
@@ -213,18 +227,23 @@ def verify_directory(export_dir: Path, base_model: str | Path | None = None, che
     report: dict[str, Any] = {"files_checked": len(recorded), "problems": problems}
     merged_dir = export_dir / "merged"
     if (merged_dir / "config.json").is_file() and not problems:
+        check_remote_code(merged_dir, "DIR's merged model")
         problems += _shape_problems(merged_dir)
     if base_model is not None and merged_dir.is_dir() and not problems:
+        from lightning_lora.export.base_check import check_base, untouched_verdict
         from lightning_lora.export.sources import open_sources
 
         sources = open_sources(manifest, export_dir, str(base_model), checkpoint)
+        check_base(sources)
         dtype = getattr(torch, manifest["dtype"])
         probes = probes_for(merged_dir, sources.vocab_size, sources.base_vocab)
         result = verify_export(merged_dir, sources.peft_model, sources.trained, sources.frozen, sources.base, dtype,
                                probes=probes, device=device)
         result["reference"] = sources.description
         report["verification"] = result
-        problems += result["problems"]
+        # Only tensors the adapter leaves untouched differ: the base is the one problem, the rest follows from it.
+        verdict = untouched_verdict(result["tensors"], sources.base_name)
+        problems += [verdict] if verdict is not None else result["problems"]
     return report
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from lightning_lora.errors import ExportError
+from lightning_lora.export.paths import inside
+from lightning_lora.export.trust import remote_code
 
 __all__ = ["SAFETENSORS_DTYPES", "TensorInfo", "WeightFiles", "read_config"]
 
@@ -72,13 +74,14 @@ class WeightFiles:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as err:
                 raise ExportError(f"{self.argument}={str(self.directory)!r}: {index.name} is not a safetensors index: {err}") from err
-            files = sorted({self.directory / name for name in weight_map.values()})
+            where = f"{self.argument}: {index.name}"
+            files = sorted({inside(self.directory, name, where) for name in set(weight_map.values())})
             missing = [file.name for file in files if not file.is_file()]
             if missing:
                 raise ExportError(f"{self.argument}={str(self.directory)!r}: {index.name} names shard(s) that are not there: {missing[:3]}")
             return files
         single = self.directory / "model.safetensors"
-        return [single] if single.is_file() else []
+        return [inside(self.directory, single.name, self.argument)] if single.is_file() else []
 
     def __bool__(self) -> bool:
         return bool(self.tensors)
@@ -113,6 +116,21 @@ class WeightFiles:
         try:
             with safe_open(file, "pt") as handle:
                 return handle.get_tensor(stored)
+        except (SafetensorError, OSError) as err:
+            raise ExportError(f"{self.argument}={str(self.directory)!r}: reading {stored!r} from {file.name} failed: {err}") from err
+
+    def rows(self, key: str, indices: list[int]) -> torch.Tensor:
+        """Rows ``indices`` of one tensor (elements of a vector), read without the rest of it."""
+        from safetensors import SafetensorError, safe_open
+
+        stored = self.resolve(key)
+        if stored is None:
+            raise ExportError(f"{self.argument}={str(self.directory)!r} holds no tensor {key!r}")
+        file = self.tensors[stored].file
+        try:
+            with safe_open(file, "pt") as handle:
+                part = handle.get_slice(stored)
+                return torch.cat([part[index:index + 1] for index in indices])
         except (SafetensorError, OSError) as err:
             raise ExportError(f"{self.argument}={str(self.directory)!r}: reading {stored!r} from {file.name} failed: {err}") from err
 
@@ -171,6 +189,6 @@ def read_config(directory: str | Path, argument: str) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(directory)
+        return AutoConfig.from_pretrained(directory, **remote_code())
     except (OSError, ValueError, KeyError) as err:
         raise ExportError(f"{argument}={str(directory)!r} has no readable config.json: {' '.join(str(err).split())}") from err
