@@ -3,7 +3,8 @@
 :func:`export_checkpoint` is a sequence of named steps::
 
     options   validate every setting                        (options.py)
-    prepare   read the checkpoint and the base's headers, check the output, fingerprint the inputs
+    prepare   read the checkpoint and the base's headers, check the output, compare a few of the
+              checkpoint's frozen weights with the base's (base_check.py), fingerprint the inputs
     share     each worker: plan the shards, merge and write its own, tensor-check them (rank 0 also
               writes config, index, tokenizer and adapter), then run its part of the probes through
               both models block by block                    (plan.py, stream.py, verify.py)
@@ -35,6 +36,7 @@ import torch
 from lightning_lora.dtypes import dtype_name
 from lightning_lora.errors import ExportError, VerificationError
 from lightning_lora.export.adapter import write_adapter
+from lightning_lora.export.base_check import check_base, untouched_verdict
 from lightning_lora.export.checkpoint import TrainedCheckpoint
 from lightning_lora.export.drift import measure_drift
 from lightning_lora.export.hf import (
@@ -53,6 +55,7 @@ from lightning_lora.export.hf import (
 from lightning_lora.export.memory import choose_merge_impl
 from lightning_lora.export.merge import load_trained, merge, resolve_dtype
 from lightning_lora.export.options import ExportOptions
+from lightning_lora.export.paths import inside
 from lightning_lora.export.plan import MergePlan, assign_shards, plan_merge
 from lightning_lora.export.probes import probes_for
 from lightning_lora.export.quantized import describe_quantization
@@ -61,6 +64,7 @@ from lightning_lora.export.sources import Sources, base_files, read_sources, res
 from lightning_lora.export.stream import streamed_values, write_config, write_index, write_shards
 from lightning_lora.export.structure import build_peft_model, count_tensors
 from lightning_lora.export.tokens import reconcile_special_ids, write_tokenizer_files
+from lightning_lora.export.trust import check_remote_code, trusting
 from lightning_lora.export.verify import compute_device, verify_export, verify_tensors
 from lightning_lora.export.weights import WeightFiles, read_config
 
@@ -132,7 +136,11 @@ def _previous_export(output: Path, fingerprint: str) -> dict[str, Any] | None:
     if not isinstance(manifest, dict) or manifest.get("inputs_fingerprint") != fingerprint:
         return None
     files = manifest.get("files") or {}
-    if any(not (output / name).is_file() or (output / name).stat().st_size != info.get("size") for name, info in files.items()):
+    try:
+        paths = {name: inside(output, name, f"{str(output / 'export.json')!r}") for name in files}
+    except ExportError:
+        return None  # not a list of this export's own files: export again
+    if any(not path.is_file() or path.stat().st_size != files[name].get("size") for name, path in paths.items()):
         return None  # damaged since: export again
     return manifest
 
@@ -156,6 +164,8 @@ def prepare(checkpoint: str | Path | TrainedCheckpoint, output: Path, options: E
     """Read the inputs and check everything that can be checked before anything large is loaded:
     the output, the base's headers and the disk space come before the checkpoint is read."""
     given = resolve_base(options.base_model) if options.base_model is not None else None
+    if options.tokenizer is not None:
+        check_remote_code(options.tokenizer, "--tokenizer")
     _check_apart(output, checkpoint, options, given[1] if given else None)
     recover_interrupted(output.resolve())
     check_output(output, overwrite=True)  # never anything but an export of ours, whatever the settings
@@ -166,6 +176,7 @@ def prepare(checkpoint: str | Path | TrainedCheckpoint, output: Path, options: E
         _check_space(output, base, resolve_dtype(options.dtype, read_config(path, "--base-model")), options)
     sources = read_sources(checkpoint, options, base)
     _check_apart(output, checkpoint, options, sources.base_path)
+    check_base(sources)  # a wrong base of the same shapes, named before the merge writes a whole model
     dtype = resolve_dtype(options.dtype, sources.peft_model.base_model.model.config)
     fingerprint = inputs_fingerprint(sources, options)
     job = Job(sources, options, output, dtype, "", "", fingerprint)
@@ -355,11 +366,13 @@ def _combine(reports: dict[int, dict[str, Any]], options: ExportOptions, referen
     problems = [f"rank {rank}: {p}" if len(parts) > 1 else p for rank, part in parts.items() for p in part["problems"]]
     drift = parts[0].get("drift")
     problems += drift["problems"] if drift else []
-    tensors: dict[str, Any] = {"checked": 0, "by_kind": {}, "worst": {}}
+    tensors: dict[str, Any] = {"checked": 0, "by_kind": {}, "worst": {}, "differing": {}}
     for part in parts.values():
         tensors["checked"] += part["tensors"]["checked"]
         for kind, count in part["tensors"]["by_kind"].items():
             tensors["by_kind"][kind] = tensors["by_kind"].get(kind, 0) + count
+        for kind, keys in part["tensors"].get("differing", {}).items():
+            tensors["differing"][kind] = sorted(tensors["differing"].get(kind, []) + keys)
         for kind, worst in part["tensors"]["worst"].items():
             if kind not in tensors["worst"] or worst["max_abs_diff"] > tensors["worst"][kind]["max_abs_diff"]:
                 tensors["worst"][kind] = worst
@@ -455,12 +468,19 @@ def finish(job: Job, tmp: Path, reports: dict[int, dict[str, Any]], started: flo
     write_json(tmp / "export.json", manifest)
     if verification.get("passed") is False:
         failed = keep_failed(tmp, job.output.resolve())
-        raise VerificationError(
-            f"verification failed: {verification['problems'][0]}"
-            + (f" (and {len(verification['problems']) - 1} more)" if len(verification["problems"]) > 1 else "")
-            + f"; nothing was published, the export is kept aside in {str(failed)!r} with its report"
-        )
+        raise VerificationError(f"{_failure(verification, sources.base_name)}; nothing was published, the export is "
+                                f"kept aside in {str(failed)!r} with its report")
     return manifest
+
+
+def _failure(verification: dict[str, Any], base_name: str) -> str:
+    """Why verification failed, in one phrase: a wrong base when only tensors the adapter leaves
+    untouched differ from their source (the rest then follows from it), else the first problem."""
+    verdict = untouched_verdict(verification["tensors"], base_name)
+    if verdict is not None:
+        return f"verification failed: {verdict}"
+    problems = verification["problems"]
+    return f"verification failed: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 # --- the entry points -----------------------------------------------------------------------------
@@ -487,12 +507,13 @@ def export_checkpoint(checkpoint: str | Path | TrainedCheckpoint, output: str | 
     processes = _start_workers(options, checkpoint, meeting)
     finished = False
     try:
-        job = prepare(checkpoint, Path(output), options)
-        if job.previous is not None:
-            log.info("%s holds an export of these same inputs already: nothing to do", output)
-            return {**job.previous, "unchanged": True}
-        with _threads(_threads_per_worker(options.workers)):
-            manifest = _lead(job, meeting, started, alive=lambda r: processes[r].is_alive() or processes[r].exitcode == 0)
+        with trusting(options.trust_remote_code):
+            job = prepare(checkpoint, Path(output), options)
+            if job.previous is not None:
+                log.info("%s holds an export of these same inputs already: nothing to do", output)
+                return {**job.previous, "unchanged": True}
+            with _threads(_threads_per_worker(options.workers)):
+                manifest = _lead(job, meeting, started, alive=lambda r: processes[r].is_alive() or processes[r].exitcode == 0)
         finished = True
         return manifest
     finally:
@@ -598,8 +619,10 @@ def _start_workers(options: ExportOptions, checkpoint: Any, meeting: Path) -> di
 def _worker_main(spec: dict[str, Any]) -> None:
     """A local worker process (rank >= 1) of ``export_checkpoint(..., workers=N)``."""
     torch.set_num_threads(_threads_per_worker(spec["world"]))
+    options = ExportOptions(**spec["options"])
     try:
-        _follow(spec["checkpoint"], ExportOptions(**spec["options"]), Path(spec["meeting"]), spec["rank"], spec["world"])
+        with trusting(options.trust_remote_code):
+            _follow(spec["checkpoint"], options, Path(spec["meeting"]), spec["rank"], spec["world"])
     except BaseException:
         raise SystemExit(1) from None
 
@@ -618,7 +641,13 @@ def export_shared(checkpoint: str | Path, output: str | Path, rank: int, world: 
         log.warning("merge_impl='peft' cannot be shared by %d ranks; the streaming merge writes the same files", world)
         settings = {**settings, "merge_impl": "streaming"}
     options = ExportOptions(**{**settings, "workers": world})
-    output = Path(output)
+    with trusting(options.trust_remote_code):
+        return _share(checkpoint, Path(output), rank, world, agree, options, started)
+
+
+def _share(checkpoint: str | Path, output: Path, rank: int, world: int, agree: Any, options: ExportOptions,
+           started: float) -> dict[str, Any] | None:
+    """:func:`export_shared` once its settings are read."""
     job, decision = None, {"problem": ""}
     if rank == 0:
         try:

@@ -210,7 +210,7 @@ class QuantizedBase(Mapping[str, torch.Tensor]):
                 have = tuple(reversed(have))
             if have != want:
                 raise ExportError(f"the checkpoint's 4-bit weight {key!r} has shape {have}, the base model's is {tuple(want)}: "
-                                  "--base-model is not the model this run trained")
+                                  "--base-model is not the model this checkpoint was trained from")
 
     @staticmethod
     def read(frozen: Mapping[str, torch.Tensor], quantization: dict[str, Any] | None) -> QuantizedBase | None:

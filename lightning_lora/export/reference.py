@@ -28,7 +28,7 @@ from lightning_lora.export.plan import hf_name
 from lightning_lora.export.tokens import mean_rows
 from lightning_lora.export.weights import WeightFiles
 
-__all__ = ["Materializer", "TrainedModel"]
+__all__ = ["Materializer", "TrainedModel", "same_values"]
 
 # Rows compared to tell a rewritten base weight from a copy of the base: an initialisation that
 # rewrites a weight (a rank-r piece subtracted, a quantized residual) changes every row.
@@ -94,10 +94,16 @@ class TrainedModel:
             stored, base = frozen_rows(self.frozen, key, rows), base[rows]
             if stored.shape != base.shape:
                 return False
-        if torch.equal(stored, base.to(stored.dtype)) or torch.equal(stored.to(base.dtype), base):
-            return True
-        # Loaded in 16 bits and upcast for training (QLoRA's k-bit preparation keeps such values in fp32).
-        return any(torch.equal(stored, base.to(low).to(stored.dtype)) for low in (torch.bfloat16, torch.float16))
+        return same_values(stored, base)
+
+
+def same_values(stored: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether a checkpoint's frozen ``stored`` values are ``base``'s, exactly, up to the precision
+    either is stored or was loaded in: a cast is exact and deterministic, so no tolerance is needed."""
+    if torch.equal(stored, base.to(stored.dtype)) or torch.equal(stored.to(base.dtype), base):
+        return True
+    # Loaded in 16 bits and upcast for training (QLoRA's k-bit preparation keeps such values in fp32).
+    return any(torch.equal(stored, base.to(low).to(stored.dtype)) for low in (torch.bfloat16, torch.float16))
 
 
 class Materializer:

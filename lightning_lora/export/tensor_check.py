@@ -47,6 +47,7 @@ class TensorReport:
     by_kind: dict[str, int] = field(default_factory=dict)
     worst: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> {"tensor", "max_abs_diff", "max_ulps"}
     problems: list[str] = field(default_factory=list)
+    differing: dict[str, list[str]] = field(default_factory=dict)  # kind -> keys that differ from their source
 
     def note(self, kind: str, key: str, diff: float, ulps: float) -> None:
         self.checked += 1
@@ -55,7 +56,8 @@ class TensorReport:
             self.worst[kind] = {"tensor": key, "max_abs_diff": diff, "max_ulps": ulps}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"checked": self.checked, "by_kind": self.by_kind, "worst": self.worst, "problems": self.problems}
+        return {"checked": self.checked, "by_kind": self.by_kind, "worst": self.worst, "problems": self.problems,
+                "differing": self.differing}
 
 
 def _wrappers(peft_model: Any) -> dict[str, str]:
@@ -192,6 +194,7 @@ def _exact(report: TensorReport, key: str, stored: torch.Tensor, expected: torch
         return
     diff = (stored.double() - expected.double()).abs().max().item() if stored.is_floating_point() else float("nan")
     report.note(kind, key, diff, float("inf"))
+    report.differing.setdefault(kind, []).append(key)
     report.problems.append(f"merged tensor {key!r} differs from its source cast once ({kind}: max |diff| {diff:.3g})")
 
 
