@@ -360,3 +360,26 @@ def test_an_fsdp_entry_stored_as_pickled_bytes_is_refused(trained_runs, tmp_path
     message = _error(capsys, ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--base-model", str(base)])
     assert not marker.exists()
     assert flat in message and "pickled bytes" in message, message
+
+
+def test_hyper_parameters_are_needed_only_where_the_export_reads_them(single, tmp_path: Path, capsys, caplog) -> None:
+    """A checkpoint of LoraFinetuneModule that predates its own record: its LoRA settings are read
+    from hyper_parameters, so a foreign object there stops the export, named; with the record, the
+    same object is left unread and the export completes."""
+    checkpoint, base = single
+    marker = tmp_path / "ran"
+    with_record, without_record = tmp_path / "with.ckpt", tmp_path / "without.ckpt"
+    for path in (with_record, without_record):
+        shutil.copy(checkpoint, path)
+
+        def edit(state: dict, path: Path = path) -> None:
+            state["hyper_parameters"]["r"] = _payloads(marker)[0]
+            if path == without_record:
+                del state["lightning_lora"]
+
+        _rewrite(path, edit)
+    assert export_main(["--checkpoint", str(with_record), "--output", str(tmp_path / "out"), "--base-model", str(base)]) == 0
+    message = _error(capsys, ["--checkpoint", str(without_record), "--output", str(tmp_path / "out2"), "--base-model",
+                              str(base)])
+    assert "['hyper_parameters']['r']" in message and "without.ckpt" in message and "suspicious" in message, message
+    assert not marker.exists()

@@ -9,10 +9,13 @@ The list was built by scanning real checkpoints of every kind we read (Lightning
 bf16, DeepSpeed model and optimizer states of ZeRO 1/2/3 with and without
 ``exclude_frozen_parameters``, QLoRA, FSDP ``meta.pt`` and ``.metadata``) under the oldest and the
 latest dependency sets; ``tests/test_unpickle.py`` rebuilds those checkpoints and fails on a name
-that is not here. Nothing here calls, imports or unpickles what it is given: no ``functools.partial``,
-``operator.*``, ``getattr``, ``eval``, ``torch.storage._load_from_bytes``, and no rebuild helper that
-takes a function (``torch._tensor._rebuild_from_type_v2``). torch's own tensor rebuilders are
-wrapped so that a file cannot attach hooks or attributes to a tensor.
+that is not here; entries that no real checkpoint needs stay out (a value of another type where
+the export needs nothing is only reported). Nothing here calls, imports or unpickles what it is
+given: no ``functools.partial``, ``operator.*``, ``getattr``, ``eval``,
+``torch.storage._load_from_bytes``, no ``collections.defaultdict`` (it calls its factory later).
+torch's rebuilders are wrapped: ``_rebuild_tensor_v2`` so that a file cannot attach hooks or
+attributes to a tensor, and ``_rebuild_from_type_v2`` (which calls any function it is given) so
+that it accepts only ``_rebuild_tensor_v2`` and ``torch.Tensor``.
 """
 
 from __future__ import annotations
@@ -35,16 +38,9 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any
     return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, OrderedDict(), kept)
 
 
-def _rebuild_parameter(data: Any, requires_grad: bool, backward_hooks: Any, state: Any = None) -> Any:
-    """A ``torch.nn.Parameter`` around ``data``; hooks and attributes the file attaches are dropped."""
-    import torch
-
-    return torch.nn.Parameter(data, requires_grad) if isinstance(data, torch.Tensor) else data
-
-
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     """A tensor saved with attributes (DeepSpeed's ZeRO-3 flat groups): rebuilt as a plain tensor by
-    one of the rebuilders above only, its attributes dropped. torch's own would call any ``func``."""
+    the rebuilder above only, its attributes dropped. torch's own would call any ``func``."""
     import pickle
 
     import torch
@@ -52,7 +48,7 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
     for named in (func, new_type):
         if isinstance(named, type) and hasattr(named, "type_name"):  # a name that is not allowed: its placeholder
             return named()
-    if func not in (_rebuild_tensor_v2, _rebuild_parameter) or new_type not in (torch.Tensor, torch.nn.Parameter):
+    if func is not _rebuild_tensor_v2 or new_type is not torch.Tensor:
         raise pickle.UnpicklingError(f"a tensor rebuilt by {func!r} as {new_type!r} is not read")
     return func(*args)
 
@@ -60,65 +56,43 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
 # (module, name) -> why real checkpoints hold it. Resolved by importing that module (one of our
 # dependencies), never a module the file names.
 ALLOWED: dict[tuple[str, str], str] = {
-    # Containers and values of every Lightning and torch state dict.
+    # Containers of every Lightning and torch state dict.
     ("collections", "OrderedDict"): "state dicts (torch's module.state_dict(), DeepSpeed's param_shapes)",
-    ("collections", "defaultdict"): "optimizer state of some torch optimizers (defaultdict(dict))",
-    ("builtins", "set"): "DeepSpeed's sparse_tensor_module_names, a set; checkpoints written with protocol < 2",
-    ("builtins", "frozenset"): "hyper-parameters holding a frozenset (protocol < 4 writes it by name)",
-    ("builtins", "slice"): "a slice in hyper-parameters or loop state",
-    ("builtins", "complex"): "a complex number in hyper-parameters",
-    ("builtins", "bytearray"): "raw bytes written with protocol < 5",
-    ("datetime", "datetime"): "timestamps in callback state and hyper-parameters",
-    ("datetime", "timedelta"): "Trainer(max_time=...) and timer callback state",
-    ("pathlib", "PosixPath"): "paths in hyper-parameters and ModelCheckpoint state (a value, nothing is opened)",
-    ("pathlib", "WindowsPath"): "the same, written on Windows",
-    ("pathlib", "PurePosixPath"): "the same, pure paths",
-    ("lightning.fabric.utilities.data", "AttributeDict"): "Lightning's hparams container (a dict)",
+    ("lightning.fabric.utilities.data", "AttributeDict"): "hyper_parameters as older Lightning saved them (a dict)",
     ("lightning_fabric.utilities.data", "AttributeDict"): "the same, from the standalone lightning_fabric package",
-    ("pytorch_lightning.utilities.parsing", "AttributeDict"): "the same, from pytorch_lightning < 2",
-    # torch: tensors, their storages (torch.load resolves *Storage names itself), dtypes and devices.
+    ("pytorch_lightning.utilities.parsing", "AttributeDict"): "the same, from pytorch_lightning 1.x checkpoints",
+    # torch: tensors (torch.load resolves the *Storage names itself, without us), shapes, dtypes.
     ("torch._utils", "_rebuild_tensor_v2"): "every dense tensor (wrapped: hooks and foreign metadata dropped)",
-    ("torch._utils", "_rebuild_parameter"): "a torch.nn.Parameter saved whole (wrapped: hooks dropped)",
-    ("torch._utils", "_rebuild_parameter_with_state"): "a Parameter with attributes (wrapped: attributes dropped)",
     ("torch._tensor", "_rebuild_from_type_v2"): "a tensor with attributes, ZeRO-3's fp32_flat_groups (wrapped: only "
-                                                "the rebuilders above, attributes dropped)",
-    ("torch", "Tensor"): "the type named by _rebuild_from_type_v2",
-    ("torch", "Size"): "DeepSpeed's param_shapes and frozen_param_shapes; FSDP metadata",
-    ("torch", "device"): "a device recorded in hyper-parameters or FSDP metadata",
-    ("torch", "dtype"): "a dtype recorded by value",
-    ("torch", "layout"): "FSDP tensor properties",
-    ("torch.serialization", "_get_layout"): "FSDP tensor properties: a layout looked up by name among torch's layouts",
-    ("torch", "strided"): "FSDP tensor properties (the default layout)",
-    ("torch", "contiguous_format"): "FSDP tensor properties (the default memory format)",
-    ("torch", "preserve_format"): "FSDP tensor properties",
-    ("torch", "channels_last"): "FSDP tensor properties",
-    **{("torch", dtype): "a dtype, pickled by name (a value; nothing runs)" for dtype in (
+                                                "_rebuild_tensor_v2 as torch.Tensor, attributes dropped)",
+    ("torch", "Tensor"): "the type _rebuild_from_type_v2 names",
+    ("torch", "Size"): "DeepSpeed's param_shapes and frozen_param_shapes",
+    **{("torch", dtype): "a dtype, pickled by name (FSDP tensor properties)" for dtype in (
         "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-        "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")},
+        "float8_e4m3fn", "float8_e5m2")},
     # DeepSpeed's optimizer states: plain records and an enum, nothing that runs on construction.
     ("deepspeed.runtime.zero.config", "ZeroStageEnum"): "optimizer_state_dict['zero_stage'] (an int enum)",
     ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"): "optimizer_state_dict['loss_scaler'] (a record of numbers)",
-    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"): "the same, with fp16 dynamic loss scaling",
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"): "the same, for fp16 runs (dynamic loss scaling)",
     ("deepspeed.utils.tensor_fragment", "fragment_address"): "param_slice_mappings of ZeRO 1/2 (a dataclass of ints)",
     # torch.distributed.checkpoint's .metadata (sharded FSDP): dataclasses of shapes, offsets and file names.
     ("torch.distributed.checkpoint.metadata", "Metadata"): "the .metadata file's root",
     ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"): "one tensor's chunks",
-    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"): "a non-tensor entry (optimizer step)",
+    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"): "a non-tensor entry (optimizer hyper-parameters)",
     ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"): "offsets and sizes of a chunk",
     ("torch.distributed.checkpoint.metadata", "TensorProperties"): "dtype and layout of a tensor",
     ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): "the memory format of a tensor (an enum)",
+    ("torch.serialization", "_get_layout"): "the layout of a tensor: looked up by name among torch's own layouts",
     ("torch.distributed.checkpoint.metadata", "MetadataIndex"): "the key of a storage entry",
     ("torch.distributed.checkpoint.metadata", "StorageMeta"): "the checkpoint id (torch >= 2.4)",
+    ("pathlib", "PosixPath"): "StorageMeta.checkpoint_id, the directory the checkpoint was saved to (a value: "
+                              "nothing is opened)",
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): "which shard file holds an entry (relative path, offset)",
-    ("torch.distributed.checkpoint.planner", "LoadItemType"): "an enum in older metadata",
-    ("torch.distributed.checkpoint.planner", "WriteItemType"): "an enum in older metadata",
 }
 
 # Names that stand in for torch's functions: the wrappers above.
 _WRAPPED: dict[tuple[str, str], Callable[..., Any]] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
 }
 

@@ -19,7 +19,7 @@ from lightning_lora.errors import ExportError
 from lightning_lora.export.fsdp import is_fsdp_checkpoint, read_fsdp_checkpoint
 from lightning_lora.export.keys import normalize_keys, select_adapter
 from lightning_lora.export.recorded import CHECKPOINT_KEY, CLIENT_NEEDED, LORA_HPARAMS
-from lightning_lora.export.unpickle import ForeignObjectError, load_torch_file
+from lightning_lora.export.unpickle import ForeignObjectError, load_torch_file, require
 from lightning_lora.export.zero import is_zero_checkpoint, read_model_states, read_zero_checkpoint, resolve_zero_tag
 
 __all__ = [
@@ -167,15 +167,20 @@ def read_adapter_config(path: str | Path, argument: str) -> dict[str, Any]:
 
 
 
-def _metadata(client_state: dict[str, Any]) -> dict[str, Any]:
+def _metadata(client_state: dict[str, Any], source: Path) -> dict[str, Any]:
     """The LoRA config, base model and attribute prefix recorded in a Lightning checkpoint."""
     recorded = dict(client_state.get(CHECKPOINT_KEY) or {})
     if "peft_config" not in recorded:
         # A checkpoint of LoraFinetuneModule written before it recorded CHECKPOINT_KEY: its
         # hyperparameters name the LoRA settings and the base model.
         hparams = client_state.get("hyper_parameters") or {}
+        if not isinstance(hparams, dict):
+            require(hparams, source, ("hyper_parameters",))
+            hparams = {}
         if "model_name_or_path" in hparams and "r" in hparams:
             config = {key: hparams[key] for key in LORA_HPARAMS if key in hparams}
+            require(config, source, ("hyper_parameters",))
+            require(hparams["model_name_or_path"], source, ("hyper_parameters", "model_name_or_path"))
             recorded.setdefault("peft_config", {**config, "peft_type": "LORA", "task_type": "CAUSAL_LM"})
             recorded.setdefault("base_model", hparams["model_name_or_path"])
             recorded.setdefault("prefix", "model.")
@@ -222,7 +227,7 @@ def load_checkpoint(
             f"--checkpoint={str(path)!r} is neither a DeepSpeed ZeRO directory (with 'latest'), a sharded "
             "FSDP checkpoint (with .metadata), a Lightning .ckpt file, nor a PEFT adapter directory (with adapter_config.json)"
         )
-    recorded = _metadata(client_state)
+    recorded = _metadata(client_state, path)
     prefix = prefix if prefix is not None else recorded.get("prefix")
     try:
         tensors = normalize_keys(tensors, prefix)

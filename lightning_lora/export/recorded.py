@@ -17,7 +17,5 @@ CHECKPOINT_KEY = "lightning_lora"
 LORA_HPARAMS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_rslora", "use_dora",
                 "init_lora_weights", "bias")
 
-CLIENT_NEEDED: list[tuple[str, ...]] = [
-    (CHECKPOINT_KEY,), ("global_step",),
-    *(("hyper_parameters", key) for key in ("model_name_or_path", *LORA_HPARAMS)),
-]
+# The hyper-parameters are needed only by a checkpoint without CHECKPOINT_KEY: checked where used.
+CLIENT_NEEDED: list[tuple[str, ...]] = [(CHECKPOINT_KEY,), ("global_step",)]

@@ -27,7 +27,7 @@ import torch
 from lightning_lora.errors import ExportError
 from lightning_lora.export.allowlist import is_suspicious, resolve
 
-__all__ = ["ForeignObjectError", "Unread", "load_pickle", "load_torch_file"]
+__all__ = ["ForeignObjectError", "Unread", "load_pickle", "load_torch_file", "require"]
 
 _log = logging.getLogger("lightning_lora")
 Key = tuple[Any, ...]
@@ -137,6 +137,18 @@ def load_pickle(file: IO[bytes], path: str | Path, *, argument: str = "--checkpo
     return data
 
 
+def require(value: Any, source: str | Path, key: Key, argument: str = "--checkpoint") -> None:
+    """Fail in one line if ``value`` (at ``key`` of the file ``source``), which the caller is about to
+    use, is or holds an object the loader left unread: for values needed only in some cases."""
+    for inner, type_name in _placeholders(value, tuple(key)):
+        raise ForeignObjectError(_needed_message(argument, Path(source), inner, type_name))
+
+
+def _needed_message(argument: str, path: Path, key: Key, type_name: str) -> str:
+    return (f"{argument}: {str(path)!r} key {_key_text(key)} holds a {_type_text(type_name)}, which the export needs; "
+            "only the types listed in lightning_lora/export/allowlist.py are read (nothing of it was imported or run)")
+
+
 def _account(path: Path, data: Any, record: dict[str, type[Unread]], needed: Iterable[Key], argument: str,
              report: bool) -> None:
     """Fail on a placeholder where a needed value is; name the others in one line."""
@@ -144,10 +156,7 @@ def _account(path: Path, data: Any, record: dict[str, type[Unread]], needed: Ite
     needed = [tuple(key) for key in needed]
     for key, type_name in found:
         if any(_overlaps(key, want) for want in needed):
-            raise ForeignObjectError(
-                f"{argument}: {str(path)!r} key {_key_text(key)} holds a {_type_text(type_name)}, which the export needs; "
-                "only the types listed in lightning_lora/export/allowlist.py are read (nothing of it was imported or run)"
-            )
+            raise ForeignObjectError(_needed_message(argument, path, key, type_name))
     if not report:
         return
     places: dict[str, list[str]] = {name: [] for name in record}
