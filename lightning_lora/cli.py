@@ -169,7 +169,7 @@ def export_main(argv: list[str]) -> int:
             frozen_from_checkpoint=args.frozen_from_checkpoint,
             merge_base=args.merge_base,
             max_drift=args.max_drift,
-            heldout=None if args.no_verify else _recorded_heldout(args.checkpoint),
+            heldout=None if args.no_verify else _recorded_heldout(args.checkpoint, args.trust_remote_code),
             tokenizer=args.tokenizer,
             workers=args.workers,
             device=args.device,
@@ -295,9 +295,14 @@ def _fail(command: str, err: BaseException, debug: bool) -> int:
     return 1
 
 
-def _recorded_heldout(checkpoint: str) -> list[dict[str, list[list[int]]]] | None:
+def _recorded_heldout(checkpoint: str, trust_remote_code: bool = False) -> list[dict[str, list[list[int]]]] | None:
     """A 4-bit run's validation batches, rebuilt from the data module its Lightning checkpoint
-    records, for the drift report's held-out loss; ``None`` when there are none to rebuild here."""
+    records, for the drift report's held-out loss; ``None`` when there are none to rebuild here.
+
+    The recorded settings are the checkpoint's, not the user's: the data and tokenizer must be
+    local files (nothing is fetched), the tokenizer runs no custom code unless trusted, and the
+    data is read in this process (no workers).
+    """
     from lightning_lora.export.recorded import CHECKPOINT_KEY
     from lightning_lora.export.unpickle import ForeignObjectError, load_torch_file
 
@@ -319,8 +324,18 @@ def _recorded_heldout(checkpoint: str) -> list[dict[str, list[list[int]]]] | Non
         return None
     try:
         from lightning_lora.data import HELDOUT_BATCHES, recorded_heldout
+        from lightning_lora.export.trust import check_remote_code
 
-        return recorded_heldout(hparams, HELDOUT_BATCHES)
+        from lightning_lora.tiny import resolve_model_path
+
+        for key in ("data_path", "tokenizer"):
+            value = hparams.get(key)
+            if not isinstance(value, str) or not Path(resolve_model_path(value) if key == "tokenizer" else value).exists():
+                raise ValueError(f"its {key} {value!r} is not a local path here (nothing is downloaded)")
+        tokenizer = Path(resolve_model_path(hparams["tokenizer"]))
+        if tokenizer.is_dir():
+            check_remote_code(tokenizer, "its tokenizer", trust_remote_code)
+        return recorded_heldout({**hparams, "num_workers": 0}, HELDOUT_BATCHES)
     except Exception as err:  # another data module, data files not here: the drift is reported without it
         logging.getLogger("lightning_lora").warning("held-out loss not measured: the run's validation data could not "
                                                     "be rebuilt here (%s)", err)

@@ -33,6 +33,18 @@ PRIVATE_IMPORTS: dict[str, str] = {
         "allowlist calls it through a wrapper that drops the hooks and metadata a file could attach (no public "
         "equivalent)."
     ),
+    "torch._C.PyTorchFileReader": (
+        "The zip reader torch.load itself uses to tell a TorchScript archive (which it would hand to torch.jit.load, "
+        "running its code) from a checkpoint; another zip reader can be shown other records by a crafted file."
+    ),
+    "pickle._Unpickler": (
+        "The pure-Python unpickler, whose opcodes the restricted loader overrides (REDUCE, NEWOBJ, BUILD) so that a "
+        "file calls and changes only what the allowlist says; the C unpickler exposes only find_class."
+    ),
+    "pickle._Unpickler.dispatch": (
+        "The pure-Python unpickler's opcode table, copied so that the restricted loader replaces four of its "
+        "handlers for its own class only."
+    ),
     "liger_kernel.transformers.monkey_patch._apply_liger_kernel_to_instance": (
         "Patches the layers of one model instance with Liger's kernels; the public apply_liger_kernel_to_* "
         "functions also replace transformers' classes for every model built later in the process."

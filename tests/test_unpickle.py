@@ -383,3 +383,120 @@ def test_hyper_parameters_are_needed_only_where_the_export_reads_them(single, tm
                               str(base)])
     assert "['hyper_parameters']['r']" in message and "without.ckpt" in message and "suspicious" in message, message
     assert not marker.exists()
+
+
+# --- what a file may do with the names it is allowed -----------------------------------------------
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return b"X" + len(data).to_bytes(4, "little") + data
+
+
+def test_a_file_cannot_change_an_allowed_class(tmp_path: Path) -> None:
+    """BUILD on a class itself would set its attributes for the whole process (``PosixPath._str``:
+    every path the export opens): refused, the class unchanged."""
+    from pathlib import PosixPath
+
+    from lightning_lora.export.unpickle import load_pickle
+
+    before = dict(vars(PosixPath))
+    build_on_class = b"\x80\x02" + _global("pathlib", "PosixPath") + b"N}" + _text("_str") + _text("/tmp/x") + b"s\x86b."
+    with pytest.raises(pickle.UnpicklingError, match="sets attributes of pathlib.PosixPath"):
+        load_pickle(io.BytesIO(build_on_class), tmp_path / ".metadata")
+    assert dict(vars(PosixPath)) == before and str(tmp_path / "a") != "/tmp/x"
+    # Nor may it shadow a method of an allowed object: an OrderedDict's `get` set from the file.
+    shadow = b"\x80\x02" + _global("collections", "OrderedDict") + b")R}" + _text("get") + b"Nsb."
+    with pytest.raises(pickle.UnpicklingError, match="sets 'get'"):
+        load_pickle(io.BytesIO(shadow), tmp_path / ".metadata")
+
+
+@pytest.mark.parametrize("opcode", [b"R", b"\x81"], ids=["reduce", "newobj"])
+def test_a_file_calls_only_what_is_allowed_to_be_called(opcode: bytes, tmp_path: Path) -> None:
+    """``torch.Tensor(8, 8)`` would be uninitialised memory; a dtype is a value. Neither is called."""
+    from lightning_lora.export.unpickle import load_pickle
+
+    for module, name in (("torch", "Tensor"), ("torch", "float32")):
+        call = b"\x80\x02" + _global(module, name) + b"K\x08K\x08\x86" + opcode + b"."
+        with pytest.raises(pickle.UnpicklingError, match="not allowed to be"):
+            load_pickle(io.BytesIO(call), tmp_path / ".metadata")
+
+
+def _torchscript_archive(path: Path, marker: Path) -> None:
+    """A TorchScript archive whose loading runs code: its __setstate__ writes into ``marker`` (an
+    existing one-byte file: ``0`` becomes ``A``). TorchScript compiles from source, so the module
+    is written to a file with the marker's path in it."""
+    import importlib.util
+
+    source = path.parent / "torchscript_payload.py"
+    source.write_text(
+        "import torch\n\n\nclass Writes(torch.nn.Module):\n"
+        "    def __init__(self) -> None:\n        super().__init__()\n        self.x = 1\n\n"
+        "    def forward(self, x: torch.Tensor) -> torch.Tensor:\n        return x\n\n"
+        "    @torch.jit.export\n    def __getstate__(self) -> int:\n        return self.x\n\n"
+        "    @torch.jit.export\n    def __setstate__(self, state: int) -> None:\n        self.x = state\n"
+        "        self.training = False\n"
+        f"        written = torch.from_file({str(marker)!r}, True, 1, dtype=torch.uint8)\n"
+        "        written.fill_(65)\n        self.x = int(written[0])\n")  # used, or TorchScript drops the write
+    spec = importlib.util.spec_from_file_location("torchscript_payload", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.jit.save(torch.jit.script(module.Writes()), str(path))
+
+
+def _hide_from_zipfile(path: Path) -> None:
+    """Give the archive a second central directory, the one Python's zipfile reads, in which the
+    TorchScript records are renamed; torch's reader follows the end record to the first one."""
+    import struct
+
+    data = path.read_bytes()
+    end = data.rfind(b"PK\x05\x06")
+    signature, _, _, _, total, size, offset, _ = struct.unpack("<IHHHHIIH", data[end:end + 22])
+    directory = data[offset:offset + size]
+    disguised = directory.replace(b"/constants.pkl", b"/constantz.pkl").replace(b"/code/", b"/codf/")
+    path.write_bytes(data[:offset] + directory + disguised + struct.pack("<IHHHHIIH", signature, 0, 0, total, total,
+                                                                           size, offset, 0))
+
+
+@pytest.mark.parametrize("disguised", [False, True], ids=["plain", "hidden-from-zipfile"])
+def test_a_torchscript_archive_is_refused_and_runs_nothing(disguised: bool, tmp_path: Path) -> None:
+    """torch.load hands a TorchScript archive to torch.jit.load, which runs its code; the loader asks
+    torch's own zip reader, which a second central directory cannot fool."""
+    archive, marker = tmp_path / "model.ckpt", tmp_path / "ran"
+    marker.write_bytes(b"0")
+    _torchscript_archive(archive, marker)
+    marker.write_bytes(b"0")
+    torch.jit.load(str(archive))
+    assert marker.read_bytes() == b"A"  # loading it the ordinary way runs its code
+    marker.write_bytes(b"0")
+    if disguised:
+        _hide_from_zipfile(archive)
+        assert torch.serialization._is_torchscript_zip(torch._C.PyTorchFileReader(str(archive)))
+    with pytest.raises(pickle.UnpicklingError, match="TorchScript"):
+        load_torch_file(archive)
+    assert marker.read_bytes() == b"0"
+
+
+def test_the_held_out_lookup_uses_no_recorded_tokenizer_with_custom_code(trained_runs, tmp_path: Path, caplog) -> None:
+    """The data settings a 4-bit checkpoint records name a tokenizer: one that maps to custom code
+    is not loaded (the held-out loss is skipped with one line), nor is a path that is not here."""
+    from lightning_lora.cli import _recorded_heldout
+
+    caplog.set_level(logging.WARNING, logger="lightning_lora")
+    run, base = trained_runs("qlora-llama-nf4")
+    custom = tmp_path / "tokenizer"
+    shutil.copytree(base, custom)
+    config = json.loads((custom / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_x.XTokenizer"]}
+    (custom / "tokenizer_config.json").write_text(json.dumps(config))
+    for tokenizer in (str(custom), "someone/a-hub-id"):
+        hostile = tmp_path / "hostile.ckpt"
+        shutil.copy(run / "ckpt", hostile)
+        _rewrite(hostile, lambda state, value=tokenizer: state["datamodule_hyper_parameters"].update(tokenizer=value))
+        assert _recorded_heldout(str(hostile)) is None
+    lines = [r.getMessage() for r in caplog.records if "held-out loss not measured" in r.getMessage()]
+    assert "maps to custom code" in lines[0] and "is not a local path" in lines[1], lines

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import importlib
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ALLOWED", "SUSPICIOUS_MODULES", "SUSPICIOUS_NAMES", "is_suspicious", "resolve"]
+__all__ = ["ALLOWED", "CALL", "NEW", "RECORD", "SUSPICIOUS_MODULES", "SUSPICIOUS_NAMES", "VALUE", "TensorType", "is_suspicious",
+           "resolve"]
 
 
 def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: bool,
@@ -38,62 +38,73 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any
     return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, OrderedDict(), kept)
 
 
+class TensorType:
+    """What the name ``torch.Tensor`` resolves to: the type :func:`_rebuild_from_type_v2` is told to
+    build, never called (``torch.Tensor(8, 8)`` would hand out uninitialised memory)."""
+
+
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     """A tensor saved with attributes (DeepSpeed's ZeRO-3 flat groups): rebuilt as a plain tensor by
-    the rebuilder above only, its attributes dropped. torch's own would call any ``func``."""
+    :func:`_rebuild_tensor_v2` only, its attributes dropped. torch's own calls any ``func``."""
     import pickle
-
-    import torch
 
     for named in (func, new_type):
         if isinstance(named, type) and hasattr(named, "type_name"):  # a name that is not allowed: its placeholder
             return named()
-    if func is not _rebuild_tensor_v2 or new_type is not torch.Tensor:
+    if func is not _rebuild_tensor_v2 or new_type is not TensorType:
         raise pickle.UnpicklingError(f"a tensor rebuilt by {func!r} as {new_type!r} is not read")
     return func(*args)
 
 
-# (module, name) -> why real checkpoints hold it. Resolved by importing that module (one of our
-# dependencies), never a module the file names.
-ALLOWED: dict[tuple[str, str], str] = {
+# How a file may use an allowed name (the unpickler enforces it):
+CALL = "call"      # called with the file's arguments (REDUCE): a function or class that only stores values
+NEW = "new"        # instantiated without __init__ (NEWOBJ), filled by SETITEMS: a dict subclass
+RECORD = "record"  # instantiated without __init__ (NEWOBJ), its attributes set from the file (BUILD)
+VALUE = "value"    # used as a value only (a dtype); never called
+
+# (module, name) -> (use, why real checkpoints hold it). Resolved by importing that module (one of
+# our dependencies), never a module the file names.
+ALLOWED: dict[tuple[str, str], tuple[str, str]] = {
     # Containers of every Lightning and torch state dict.
-    ("collections", "OrderedDict"): "state dicts (torch's module.state_dict(), DeepSpeed's param_shapes)",
-    ("lightning.fabric.utilities.data", "AttributeDict"): "hyper_parameters as older Lightning saved them (a dict)",
-    ("lightning_fabric.utilities.data", "AttributeDict"): "the same, from the standalone lightning_fabric package",
-    ("pytorch_lightning.utilities.parsing", "AttributeDict"): "the same, from pytorch_lightning 1.x checkpoints",
+    ("collections", "OrderedDict"): (CALL, "state dicts (torch's module.state_dict(), DeepSpeed's param_shapes)"),
+    ("lightning.fabric.utilities.data", "AttributeDict"): (NEW, "hyper_parameters as older Lightning saved them"),
+    ("lightning_fabric.utilities.data", "AttributeDict"): (NEW, "the same, from the standalone lightning_fabric"),
+    ("pytorch_lightning.utilities.parsing", "AttributeDict"): (NEW, "the same, from pytorch_lightning 1.x checkpoints"),
     # torch: tensors (torch.load resolves the *Storage names itself, without us), shapes, dtypes.
-    ("torch._utils", "_rebuild_tensor_v2"): "every dense tensor (wrapped: hooks and foreign metadata dropped)",
-    ("torch._tensor", "_rebuild_from_type_v2"): "a tensor with attributes, ZeRO-3's fp32_flat_groups (wrapped: only "
-                                                "_rebuild_tensor_v2 as torch.Tensor, attributes dropped)",
-    ("torch", "Tensor"): "the type _rebuild_from_type_v2 names",
-    ("torch", "Size"): "DeepSpeed's param_shapes and frozen_param_shapes",
-    **{("torch", dtype): "a dtype, pickled by name (FSDP tensor properties)" for dtype in (
+    ("torch._utils", "_rebuild_tensor_v2"): (CALL, "every dense tensor (wrapped: hooks and foreign metadata dropped)"),
+    ("torch._tensor", "_rebuild_from_type_v2"): (CALL, "a tensor with attributes, ZeRO-3's fp32_flat_groups (wrapped: "
+                                                       "only _rebuild_tensor_v2 as torch.Tensor, attributes dropped)"),
+    ("torch", "Tensor"): (VALUE, "the type _rebuild_from_type_v2 names (resolved to TensorType)"),
+    ("torch", "Size"): (CALL, "DeepSpeed's param_shapes and frozen_param_shapes"),
+    **{("torch", dtype): (VALUE, "a dtype, pickled by name (FSDP tensor properties)") for dtype in (
         "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
         "float8_e4m3fn", "float8_e5m2")},
-    # DeepSpeed's optimizer states: plain records and an enum, nothing that runs on construction.
-    ("deepspeed.runtime.zero.config", "ZeroStageEnum"): "optimizer_state_dict['zero_stage'] (an int enum)",
-    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"): "optimizer_state_dict['loss_scaler'] (a record of numbers)",
-    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"): "the same, for fp16 runs (dynamic loss scaling)",
-    ("deepspeed.utils.tensor_fragment", "fragment_address"): "param_slice_mappings of ZeRO 1/2 (a dataclass of ints)",
+    # DeepSpeed's optimizer states: plain records and an enum.
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"): (CALL, "optimizer_state_dict['zero_stage'] (an int enum)"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"): (RECORD, "optimizer_state_dict['loss_scaler'] (numbers)"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"): (RECORD, "the same, for fp16 runs (dynamic scaling)"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"): (RECORD, "param_slice_mappings of ZeRO 1/2 (two ints)"),
     # torch.distributed.checkpoint's .metadata (sharded FSDP): dataclasses of shapes, offsets and file names.
-    ("torch.distributed.checkpoint.metadata", "Metadata"): "the .metadata file's root",
-    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"): "one tensor's chunks",
-    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"): "a non-tensor entry (optimizer hyper-parameters)",
-    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"): "offsets and sizes of a chunk",
-    ("torch.distributed.checkpoint.metadata", "TensorProperties"): "dtype and layout of a tensor",
-    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): "the memory format of a tensor (an enum)",
-    ("torch.serialization", "_get_layout"): "the layout of a tensor: looked up by name among torch's own layouts",
-    ("torch.distributed.checkpoint.metadata", "MetadataIndex"): "the key of a storage entry",
-    ("torch.distributed.checkpoint.metadata", "StorageMeta"): "the checkpoint id (torch >= 2.4)",
-    ("pathlib", "PosixPath"): "StorageMeta.checkpoint_id, the directory the checkpoint was saved to (a value: "
-                              "nothing is opened)",
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): "which shard file holds an entry (relative path, offset)",
+    ("torch.distributed.checkpoint.metadata", "Metadata"): (RECORD, "the .metadata file's root"),
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"): (RECORD, "one tensor's chunks"),
+    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"): (RECORD, "a non-tensor entry (optimizer settings)"),
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"): (RECORD, "offsets and sizes of a chunk"),
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"): (RECORD, "dtype and layout of a tensor"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): (CALL, "the memory format of a tensor (an enum)"),
+    ("torch.serialization", "_get_layout"): (CALL, "the layout of a tensor: looked up by name among torch's layouts"),
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"): (RECORD, "the key of a storage entry"),
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"): (RECORD, "the checkpoint id (torch >= 2.4)"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): (RECORD, "which shard file holds an entry (relative "
+                                                                          "path, offset)"),
+    ("pathlib", "PosixPath"): (CALL, "StorageMeta.checkpoint_id, the directory the checkpoint was saved to (a value: "
+                                     "nothing is opened)"),
 }
 
 # Names that stand in for torch's functions: the wrappers above.
-_WRAPPED: dict[tuple[str, str], Callable[..., Any]] = {
+_WRAPPED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): TensorType,
 }
 
 # Names that could run code, judged from the name alone (never imported to find out).
@@ -104,7 +115,7 @@ SUSPICIOUS_MODULES = frozenset({
     "_thread", "functools", "operator", "types", "inspect", "pydoc", "timeit", "trace", "pdb", "bdb", "cProfile",
     "profile", "tempfile", "zipimport", "pkgutil", "site", "sysconfig", "distutils", "setuptools", "pip", "io",
     "_io", "codecs", "http", "urllib", "urllib3", "requests", "ftplib", "smtplib", "telnetlib", "dill",
-    "cloudpickle", "joblib", "numpy.lib.npyio", "torch.hub", "torch.jit", "torch.serialization",
+    "cloudpickle", "joblib", "numpy.lib.npyio", "torch.hub", "torch.jit", "torch.serialization",  # (but _get_layout)
     "torch.utils.cpp_extension", "torch.package",
 })
 SUSPICIOUS_NAMES = frozenset({
@@ -121,14 +132,16 @@ def is_suspicious(module: str, name: str) -> bool:
     return bool(prefixes & SUSPICIOUS_MODULES) or (module, name) in SUSPICIOUS_NAMES or name.startswith("__")
 
 
-def resolve(module: str, name: str) -> Any:
-    """The object an allowed name stands for, or ``None`` for a name that is not allowed."""
+def resolve(module: str, name: str) -> tuple[Any, str] | None:
+    """The object an allowed name stands for and how a file may use it, or ``None`` for a name that
+    is not allowed."""
     key = (module, name)
     if key not in ALLOWED:
         return None
+    use = ALLOWED[key][0]
     if key in _WRAPPED:
-        return _WRAPPED[key]
+        return _WRAPPED[key], use
     try:
-        return getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name), use
     except (ImportError, AttributeError):
         return None  # an optional package (pytorch_lightning, an older torch): read as a foreign object

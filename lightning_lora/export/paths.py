@@ -48,7 +48,10 @@ def inside(directory: str | Path, name: str, what: str) -> Path:
     if not isinstance(name, str) or not name or "\x00" in name or Path(name).is_absolute():
         raise ExportError(f"{subject}, which is not a relative path inside {str(directory)!r}")
     path = Path(directory) / name
-    root, target = artifact_root(directory), path.resolve()
+    try:
+        root, target = artifact_root(directory), path.resolve()
+    except (OSError, RuntimeError) as err:  # a symbolic link loop
+        raise ExportError(f"{subject}, which cannot be resolved inside {str(directory)!r}: {err}") from err
     if not target.is_relative_to(root):
         raise ExportError(f"{subject}, which leads outside {str(root)!r} (to {str(target)!r}): a file of a checkpoint "
                           "or model directory may name only its own parts")

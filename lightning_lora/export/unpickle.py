@@ -25,7 +25,7 @@ from typing import IO, Any, ClassVar
 import torch
 
 from lightning_lora.errors import ExportError
-from lightning_lora.export.allowlist import is_suspicious, resolve
+from lightning_lora.export.allowlist import CALL, NEW, RECORD, is_suspicious, resolve
 
 __all__ = ["ForeignObjectError", "Unread", "load_pickle", "load_torch_file", "require"]
 
@@ -66,19 +66,101 @@ class Unread:
         return f"<unread {self.type_name}>"
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves names through the allowlist only, recording the others."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Python's own unpickler, restricted: names resolve through the allowlist only (the others,
+    recorded, become placeholders), and the opcodes that call or change objects act only as each
+    allowed name's use says (:mod:`~lightning_lora.export.allowlist`).
+
+    The pure-Python unpickler is the one whose opcodes can be overridden: the C one would let a file
+    call any allowed class with any arguments (``torch.Tensor(8, 8)``: uninitialised memory) and set
+    attributes on any object it reaches, allowed classes included (``BUILD`` on ``PosixPath``
+    changes every path of the process). A checkpoint's pickle is small beside its tensors.
+    """
 
     record: ClassVar[dict[str, type[Unread]]] = {}
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.uses: dict[int, str] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = resolve(module, name)
         if allowed is not None:
-            return allowed
+            value, use = allowed
+            self.uses[id(value)] = use
+            return value
         full = f"{module}.{name}"
         if full not in self.record:
             self.record[full] = type(f"Unread[{full}]", (Unread,), {"type_name": full, "__module__": __name__})
         return self.record[full]
+
+    def _may(self, target: Any, *uses: str) -> bool:
+        return (isinstance(target, type) and issubclass(target, Unread)) or self.uses.get(id(target)) in uses
+
+    def _call(self, func: Any, args: Any, kwargs: Any = None) -> Any:
+        if not self._may(func, CALL):
+            raise pickle.UnpicklingError(f"the file calls {_name(func)}, which is not allowed to be called")
+        return func(*args, **(kwargs or {}))
+
+    def _new(self, cls: Any, args: Any, kwargs: Any = None) -> Any:
+        if not self._may(cls, NEW, RECORD):
+            raise pickle.UnpicklingError(f"the file instantiates {_name(cls)}, which is not allowed to be instantiated")
+        return cls.__new__(cls, *args, **(kwargs or {}))
+
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        self.stack[-1] = self._call(self.stack[-1], args)
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new(cls, args))
+
+    def load_newobj_ex(self) -> None:
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new(cls, args, kwargs))
+
+    def _instantiate(self, klass: Any, args: list[Any]) -> None:  # INST and OBJ (protocols 0 and 1)
+        self.append(self._call(klass, args))
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if isinstance(target, Unread):
+            return
+        if isinstance(target, type) or not self._may(type(target), CALL, NEW, RECORD):
+            raise pickle.UnpicklingError(f"the file sets attributes of {_name(target)}, which is not allowed")
+        setstate = getattr(type(target), "__setstate__", None)
+        if setstate is not None and self._may(type(target), RECORD):
+            setstate(target, state)  # the record class's own code (torch's), given values
+            return
+        slots = None
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slots = state
+        for values in (state, slots):
+            if not isinstance(values, dict | None):
+                raise pickle.UnpicklingError(f"the state of {_name(target)} is a {type(values).__name__}, not a dict")
+            for key, value in (values or {}).items():
+                # An attribute, never a method or a dunder of the class (`get`, `__class__`).
+                if not isinstance(key, str) or key.startswith("__") or callable(getattr(type(target), key, None)):
+                    raise pickle.UnpicklingError(f"the file sets {key!r} of {_name(target)}, which is not an attribute")
+                if values is slots:
+                    object.__setattr__(target, key, value)
+                else:
+                    target.__dict__[key] = value
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _name(value: Any) -> str:
+    named = value if isinstance(value, type) or callable(value) else type(value)
+    return f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', repr(named))}"
 
 
 def _unpickler_for(record: dict[str, type[Unread]]) -> type[_RestrictedUnpickler]:
@@ -91,13 +173,15 @@ def _refuse_legacy(*args: Any, **kwargs: Any) -> Any:
 
 
 def _check_archive(path: Path) -> None:
-    """Only torch's zip format is read; a TorchScript archive holds code and is refused."""
+    """Only torch's zip format is read; a TorchScript archive holds code and is refused. Asked of
+    torch's own zip reader, the one ``torch.load`` decides with (another reader can see other
+    records in a crafted file)."""
     if not zipfile.is_zipfile(path):
         raise pickle.UnpicklingError("not a torch checkpoint archive (a zip file): truncated, still being written, or "
                                      "another format (torch's legacy format is not read)")
-    with zipfile.ZipFile(path) as archive:
-        if any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist()):
-            raise pickle.UnpicklingError("a TorchScript archive, which holds code: not read")
+    records = torch._C.PyTorchFileReader(str(path)).get_all_records()
+    if any(name == "constants.pkl" or name.startswith("code/") for name in records):
+        raise pickle.UnpicklingError("a TorchScript archive, which holds code: not read")
 
 
 def load_torch_file(path: str | Path, *, argument: str = "--checkpoint", needed: Iterable[Key] = (),
@@ -121,7 +205,13 @@ def load_torch_file(path: str | Path, *, argument: str = "--checkpoint", needed:
     _check_archive(path)
     record: dict[str, type[Unread]] = {}
     module = SimpleNamespace(__name__=__name__, Unpickler=_unpickler_for(record), load=_refuse_legacy)
-    data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False, pickle_module=module)
+    try:
+        data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False, pickle_module=module)
+    except RuntimeError as err:
+        if "explicit pickle_module" in str(err):  # torch refuses any unpickler but its own then
+            raise ExportError("TORCH_FORCE_WEIGHTS_ONLY_LOAD is set: torch then refuses the restricted loader that reads "
+                              "checkpoints here (it allows only its own unpickler, which cannot read them); unset it") from err
+        raise
     if record:
         _account(path, data, record, needed, argument, report)
     return data

@@ -100,13 +100,16 @@ def _load(path: Path, report: bool = True) -> dict[str, Any]:
 
 def check_rank_files(tag_dir: Path, states: dict[str, Any]) -> int:
     """Fail, naming the missing ranks, unless every rank's files are visible here. Returns the world size."""
-    world_size = int(states.get("dp_world_size") or 1)
-    stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    world_size = states.get("dp_world_size") or 1
+    stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
+    if not isinstance(world_size, int) or world_size < 1 or not isinstance(stage, int):
+        raise ZeroCheckpointError(f"{str(tag_dir)!r}: its model states record dp_world_size={world_size!r} and ZeRO "
+                                  f"stage {stage!r}: not a DeepSpeed checkpoint's")
     optim_ranks = {int(m.group(1)) for p in tag_dir.iterdir() if (m := _OPTIM_STATES.search(p.name))}
-    missing = set(range(world_size)) - optim_ranks
+    missing = _missing(world_size, optim_ranks)
     if stage == 3:
         model_ranks = {int(m.group(1)) for p in tag_dir.iterdir() if (m := _MODEL_STATES.search(p.name)) and m.group(1)}
-        missing |= set(range(world_size)) - model_ranks
+        missing |= _missing(world_size, model_ranks)
     if missing:
         raise ZeroCheckpointError(
             f"checkpoint {str(tag_dir)!r} was written by {world_size} ranks but the files of rank(s) "
@@ -115,6 +118,18 @@ def check_rank_files(tag_dir: Path, states: dict[str, Any]) -> int:
             "shards into one directory before exporting)"
         )
     return world_size
+
+
+def _missing(world_size: int, present: set[int], limit: int = 16) -> set[int]:
+    """Up to ``limit`` ranks below ``world_size`` absent from ``present``, found without listing all
+    ranks (a damaged file may record any world size)."""
+    missing: set[int] = set()
+    rank = 0
+    while rank < world_size and len(missing) < limit:
+        if rank not in present:
+            missing.add(rank)
+        rank += 1
+    return missing
 
 
 def _check_readable(tag_dir: Path) -> None:
