@@ -208,7 +208,8 @@ class HFExport(L.Callback):
                     check_fsdp_files(checkpoint)
                 elif checkpoint.is_dir():
                     tag_dir = resolve_zero_tag(checkpoint)
-                    check_rank_files(tag_dir, read_model_states(tag_dir))
+                    # report=False: the export reads these states again and names what it leaves unread.
+                    check_rank_files(tag_dir, read_model_states(tag_dir, report=False))
                 # else: an FSDP full state dict, one file that rank 0 wrote itself
             except Exception as err:  # an OSError of a network filesystem as much as a missing shard
                 problem = str(err) if isinstance(err, ExportError) else f"{type(err).__name__}: {err}"

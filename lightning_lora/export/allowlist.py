@@ -3,7 +3,9 @@
 A pickle names the functions and classes that rebuild its objects (``module.name``), and a plain
 ``pickle.load`` imports and calls whatever it is told to: a checkpoint is then a program. Our loader
 (:mod:`lightning_lora.export.unpickle`) resolves a name only through :data:`ALLOWED`; any other
-name is neither imported nor called (the value becomes an inert placeholder, see ``Unread``).
+name is neither imported nor called (the value becomes an inert placeholder, see ``Unread``). Each
+entry also says how a file may use it (:data:`CALL`, :data:`NEW`, :data:`RECORD`, :data:`VALUE`),
+and the unpickler holds the file to it.
 
 The list was built by scanning real checkpoints of every kind we read (Lightning ``.ckpt`` fp32 and
 bf16, DeepSpeed model and optimizer states of ZeRO 1/2/3 with and without
