@@ -26,7 +26,7 @@ __all__ = ["TESTED", "environment_report", "format_environment_report", "install
 # run, copy the recorded versions here (for a package absent from the oldest set, such as kernels, which
 # only transformers >= 5.25 pulls in, the low end is the latest set's version).
 TESTED: dict[str, tuple[str, str]] = {
-    "torch": ("2.5.0", "2.14.1"),
+    "torch": ("2.6.0", "2.14.1"),
     "lightning": ("2.5.5", "2.6.6"),
     "deepspeed": ("0.19.8", "0.19.8"),
     "peft": ("0.21.2", "0.21.2"),
