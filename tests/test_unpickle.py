@@ -500,3 +500,19 @@ def test_the_held_out_lookup_uses_no_recorded_tokenizer_with_custom_code(trained
         assert _recorded_heldout(str(hostile)) is None
     lines = [r.getMessage() for r in caplog.records if "held-out loss not measured" in r.getMessage()]
     assert "maps to custom code" in lines[0] and "is not a local path" in lines[1], lines
+
+
+def test_a_state_dict_of_parameters_exports_as_one_of_tensors(single, tmp_path: Path) -> None:
+    """An awkward but harmless checkpoint: its state dict holds ``nn.Parameter`` objects (a dict
+    built from ``named_parameters()``), which torch pickles with its Parameter rebuilder."""
+    checkpoint, base = single
+    params = tmp_path / "params.ckpt"
+    shutil.copy(checkpoint, params)
+    _rewrite(params, lambda state: state.update(
+        state_dict={key: torch.nn.Parameter(value, requires_grad=False) for key, value in state["state_dict"].items()}))
+    hashes = []
+    for source, out in ((params, "params"), (checkpoint, "plain")):
+        assert export_main(["--checkpoint", str(source), "--output", str(tmp_path / out), "--base-model", str(base)]) == 0
+        files = json.loads((tmp_path / out / "export.json").read_text())["files"]
+        hashes.append({name: entry["sha256"] for name, entry in files.items()})
+    assert hashes[0] == hashes[1]

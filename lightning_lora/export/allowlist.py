@@ -12,8 +12,9 @@ bf16, DeepSpeed model and optimizer states of ZeRO 1/2/3 with and without
 ``exclude_frozen_parameters``, QLoRA, FSDP ``meta.pt`` and ``.metadata``) under the oldest and the
 latest dependency sets; ``tests/test_unpickle.py`` rebuilds those checkpoints and fails on a name
 that is not here; entries that no real checkpoint needs stay out (a value of another type where
-the export needs nothing is only reported). Nothing here calls, imports or unpickles what it is
-given: no ``functools.partial``, ``operator.*``, ``getattr``, ``eval``,
+the export needs nothing is only reported; ``torch.nn.Parameter`` is in, as torch's own
+``weights_only`` loader allows it, for a state dict built from ``named_parameters()``). Nothing here
+calls, imports or unpickles what it is given: no ``functools.partial``, ``operator.*``, ``getattr``, ``eval``,
 ``torch.storage._load_from_bytes``, no ``collections.defaultdict`` (it calls its factory later).
 torch's rebuilders are wrapped: ``_rebuild_tensor_v2`` so that a file cannot attach hooks or
 attributes to a tensor, and ``_rebuild_from_type_v2`` (which calls any function it is given) so
@@ -38,6 +39,17 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any
 
     kept = {key: value for key, value in metadata.items() if isinstance(value, bool)} if isinstance(metadata, dict) else None
     return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, OrderedDict(), kept)
+
+
+def _rebuild_parameter(data: Any, requires_grad: bool, backward_hooks: Any, state: Any = None) -> Any:
+    """A ``torch.nn.Parameter`` around a tensor; the hooks and attributes a file attaches are dropped."""
+    import pickle
+
+    import torch
+
+    if not isinstance(data, torch.Tensor):
+        raise pickle.UnpicklingError(f"a Parameter around a {type(data).__name__} is not read")
+    return torch.nn.Parameter(data, bool(requires_grad))
 
 
 class TensorType:
@@ -76,6 +88,9 @@ ALLOWED: dict[tuple[str, str], tuple[str, str]] = {
     ("torch._utils", "_rebuild_tensor_v2"): (CALL, "every dense tensor (wrapped: hooks and foreign metadata dropped)"),
     ("torch._tensor", "_rebuild_from_type_v2"): (CALL, "a tensor with attributes, ZeRO-3's fp32_flat_groups (wrapped: "
                                                        "only _rebuild_tensor_v2 as torch.Tensor, attributes dropped)"),
+    ("torch._utils", "_rebuild_parameter"): (CALL, "a Parameter saved whole, as torch.save writes a dict built from "
+                                                   "named_parameters() (wrapped: hooks dropped)"),
+    ("torch._utils", "_rebuild_parameter_with_state"): (CALL, "the same, with attributes (wrapped: attributes dropped)"),
     ("torch", "Tensor"): (VALUE, "the type _rebuild_from_type_v2 names (resolved to TensorType)"),
     ("torch", "Size"): (CALL, "DeepSpeed's param_shapes and frozen_param_shapes"),
     **{("torch", dtype): (VALUE, "a dtype, pickled by name (FSDP tensor properties)") for dtype in (
@@ -106,6 +121,8 @@ ALLOWED: dict[tuple[str, str], tuple[str, str]] = {
 _WRAPPED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch", "Tensor"): TensorType,
 }
 
