@@ -52,7 +52,9 @@ class TokenThroughput(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.total_tokens, self.total_nonpad_tokens, self.total_seconds = 0, 0, 0.0
         self._window = [0, 0, 0.0]
-        self._logged_step = 0
+        self._logged_step = trainer.global_step  # a resumed run logs from its next step on
+        # A run resumed mid-epoch starts without on_train_epoch_start: the clock starts here too.
+        self._clock = time.perf_counter()
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
