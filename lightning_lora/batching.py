@@ -133,6 +133,7 @@ class TrainingBatchSampler(BatchSampler):
         self.group_by_length = group_by_length
         self.packed = packed
         self.seed = seed
+        self.skip = 0  # batches of the next pass already trained on (a resumed run)
 
     def batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of ``epoch``, in training order."""
@@ -191,11 +192,21 @@ class TrainingBatchSampler(BatchSampler):
         """The number of random budgeted batches of every epoch, before evening out across ranks."""
         return max(len(self._token_budget(self._reference_order(n))) for n in range(_REFERENCE_SHUFFLES))
 
+    def resume(self, epoch: int, done: int) -> None:
+        """Make the next pass the rest of ``epoch`` after its first ``done`` batches (a run resumed
+        from a checkpoint taken mid-epoch), or the next epoch once ``epoch`` was done; ``len``
+        stays the whole epoch's, as Lightning counts."""
+        if done >= len(self.batches(epoch)):
+            epoch, done = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.skip = done
+
     @override
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.sampler.epoch
         self.sampler.set_epoch(epoch + 1)  # the next pass differs unless set_epoch says otherwise
-        return iter(self.batches(epoch))
+        skip, self.skip = self.skip, 0
+        return iter(self.batches(epoch)[skip:])
 
     @override
     def __len__(self) -> int:

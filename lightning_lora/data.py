@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -415,15 +415,17 @@ class InstructionDataModule(L.LightningDataModule):
         # of an example (nothing predicts it) and the masked prompt.
         loss_tokens = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in self.train_examples)
         self.loss_tokens_per_batch = loss_tokens / (len(batch_sampler) * batch_sampler.sampler.num_replicas)
-        return DataLoader(
+        return TrainingDataLoader(
             self.train_examples,
             batch_sampler=batch_sampler,
             num_workers=self.num_workers,
             collate_fn=self.collate_train,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _eval_loader(self, examples: list[Example]) -> DataLoader:
-        return DataLoader(examples, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate)
+        return DataLoader(examples, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -432,6 +434,37 @@ class InstructionDataModule(L.LightningDataModule):
     @override
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_examples)
+
+
+class TrainingDataLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch: Lightning saves its :meth:`state_dict` in every
+    checkpoint and gives it back to :meth:`load_state_dict` before a resumed run iterates, which
+    then continues with the batch after the last one trained on.
+
+    Its state is the epoch and the number of batches this loader handed out in it: Lightning does
+    not prefetch from a loader with a length, so that is the number trained on (workers may have
+    loaded more; those are not counted). Data loading draws nothing from the global RNG (the
+    loaders have generators of their own), so it cannot shift the dropout of a resumed run.
+    """
+
+    _epoch: int | None = None
+    _handed_out = 0
+
+    @override
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.batch_sampler
+        self._epoch, self._handed_out = sampler.sampler.epoch, sampler.skip
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if self._epoch is None:  # saved before this loader's first pass
+            return {"epoch": self.batch_sampler.sampler.epoch, "done": self.batch_sampler.skip}
+        return {"epoch": self._epoch, "done": self._handed_out}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.resume(int(state["epoch"]), int(state["done"]))
 
 
 # Validation batches on which a 4-bit run's drift report compares the loss of the export and of the

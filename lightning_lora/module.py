@@ -27,6 +27,7 @@ from lightning_lora.export.quantized import (
 from lightning_lora.export.tokens import add_tokens, embedding_names, resize_vocab, tokenizer_files
 from lightning_lora.kernels import LossKind, TrainingKernels
 from lightning_lora.model_classes import import_model_classes, restore_class_decorators
+from lightning_lora.rng import RNG_KEY, gather_rng_states, set_rng_state
 from lightning_lora.tiny import resolve_model_path
 
 __all__ = ["LoraFinetuneModule"]
@@ -267,9 +268,24 @@ class LoraFinetuneModule(L.LightningModule):
             quantization = quantization_record(self.model)
             if quantization is not None:
                 checkpoint[CHECKPOINT_KEY]["quantization"] = quantization
+        if self._trainer is not None:
+            checkpoint[RNG_KEY] = gather_rng_states()  # every rank saves: a collective
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(RNG_KEY) or []
+        rank = self.global_rank if self._trainer is not None else 0
+        # Given back at the first training batch; a run resumed on another number of ranks draws anew.
+        self._rng_to_restore = states[rank] if len(states) == (self.trainer.world_size if self._trainer else 1) else None
+        self._restore_quantized(checkpoint)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_rng_to_restore", None) is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def _restore_quantized(self, checkpoint: dict[str, Any]) -> None:
         # Resuming a 4-bit run: the base was just quantized again from the 16-bit directory, which
         # is deterministic, so its bytes must be the checkpoint's. Say so if not (another base);
         # then leave out the quantization state, which the loaded 4-bit layers already hold and

@@ -1,0 +1,79 @@
+"""A run stopped mid-epoch and resumed with ``ckpt_path`` trains on exactly the batches, and draws
+exactly the dropout, of the run that was never stopped: every step's loss and the final adapter are
+``torch.equal``. Real Trainer, real LoraFinetuneModule (default LoRA dropout), real data module."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_lora import InstructionDataModule, LoraFinetuneModule
+from lightning_lora.callbacks import TokenThroughput
+from lightning_lora.tiny import quickstart_rows
+
+
+class Recorder(L.Callback):
+    """Every training step's loss, by global step (and, after fit, the warnings it raised)."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, torch.Tensor] = {}
+        self.warnings: list[str] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses[trainer.global_step] = loss.detach().clone()
+
+
+def _fit(tmp_path: Path, base: Path, steps: int, ckpt_path: Path | None = None, num_workers: int = 0,
+         **data: Any) -> tuple[Recorder, LoraFinetuneModule]:
+    data_file = tmp_path.parent / "train.jsonl"
+    if not data_file.exists():
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in quickstart_rows("train")[:40]))
+    L.seed_everything(0)
+    datamodule = InstructionDataModule(str(data_file), tokenizer=str(base), batch_size=4, val_split=0.2,
+                                       max_length=48, template="human_assistant", num_workers=num_workers,
+                                       **data)
+    module = LoraFinetuneModule(str(base), target_modules=["q_proj", "v_proj"],
+                                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    recorder = Recorder()
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, val_check_interval=4, num_sanity_val_steps=2,
+                        callbacks=[recorder, TokenThroughput(log_every_n_steps=1),
+                                   ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)],
+                        default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    recorder.warnings = [str(w.message) for w in caught]
+    return recorder, module
+
+
+def _adapter(module: LoraFinetuneModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
+
+
+# DataLoader workers are not covered yet: with num_workers=2 the resumed run trains the epoch's first
+# batches again although the batch sampler yields the rest (issue 23 stays open on it).
+@pytest.mark.parametrize("data", [{}, {"packing": True, "max_tokens_per_batch": 160}], ids=["padded", "packed-token-budget"])
+def test_a_run_resumed_mid_epoch_equals_the_run_never_stopped(data: dict, llama_base: Path, tmp_path: Path) -> None:
+    workers = data.pop("num_workers", 0)
+    whole, whole_module = _fit(tmp_path / "whole", llama_base, steps=14, num_workers=workers, **data)
+    # 32 training examples in batches of 4 (or a token budget): step 5 is mid-epoch, 14 is in the next.
+    checkpoint = next((tmp_path / "whole" / "ckpt").glob("*step=5.ckpt"))
+    resumed, resumed_module = _fit(tmp_path / "resumed", llama_base, steps=14, ckpt_path=checkpoint,
+                                   num_workers=workers, **data)
+    assert sorted(resumed.losses) == list(range(6, 15))
+    for step in resumed.losses:
+        assert torch.equal(resumed.losses[step], whole.losses[step]), step
+    whole_adapter, resumed_adapter = _adapter(whole_module), _adapter(resumed_module)
+    assert whole_adapter.keys() == resumed_adapter.keys()
+    assert all(torch.equal(whole_adapter[k], resumed_adapter[k]) for k in whole_adapter)
+    assert not [w for w in resumed.warnings if "not resumable" in w]
