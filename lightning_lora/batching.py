@@ -203,10 +203,13 @@ class TrainingBatchSampler(BatchSampler):
 
     @override
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the pass begins (and moves the epoch on) at its first batch, not when the
+        # iterator is made. torch's multi-process DataLoader iterator makes one it never uses
+        # before the one it reads (_BaseDataLoaderIter.__init__, then _reset).
         epoch = self.sampler.epoch
         self.sampler.set_epoch(epoch + 1)  # the next pass differs unless set_epoch says otherwise
         skip, self.skip = self.skip, 0
-        return iter(self.batches(epoch)[skip:])
+        yield from self.batches(epoch)[skip:]
 
     @override
     def __len__(self) -> int:

@@ -60,9 +60,8 @@ def _adapter(module: LoraFinetuneModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
 
 
-# DataLoader workers are not covered yet: with num_workers=2 the resumed run trains the epoch's first
-# batches again although the batch sampler yields the rest (issue 23 stays open on it).
-@pytest.mark.parametrize("data", [{}, {"packing": True, "max_tokens_per_batch": 160}], ids=["padded", "packed-token-budget"])
+@pytest.mark.parametrize("data", [{}, {"packing": True, "max_tokens_per_batch": 160}, {"num_workers": 2}],
+                         ids=["padded", "packed-token-budget", "two-workers"])
 def test_a_run_resumed_mid_epoch_equals_the_run_never_stopped(data: dict, llama_base: Path, tmp_path: Path) -> None:
     workers = data.pop("num_workers", 0)
     whole, whole_module = _fit(tmp_path / "whole", llama_base, steps=14, num_workers=workers, **data)
