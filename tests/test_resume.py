@@ -76,3 +76,28 @@ def test_a_run_resumed_mid_epoch_equals_the_run_never_stopped(data: dict, llama_
     assert whole_adapter.keys() == resumed_adapter.keys()
     assert all(torch.equal(whole_adapter[k], resumed_adapter[k]) for k in whole_adapter)
     assert not [w for w in resumed.warnings if "not resumable" in w]
+
+
+@pytest.mark.parametrize("strategy", [["--strategy", "ddp", "--devices", "2"],
+                                      ["--strategy", "deepspeed", "--stage", "2", "--devices", "2"],
+                                      ["--strategy", "deepspeed", "--stage", "3", "--devices", "2"]],
+                         ids=["ddp", "zero2", "zero3"])
+def test_a_two_process_run_resumed_mid_epoch_equals_the_run_never_stopped(strategy: list[str], llama_base: Path,
+                                                                   tmp_path: Path) -> None:
+    """Two processes (DDP, DeepSpeed ZeRO-2 and ZeRO-3), LoRA dropout 0.05: each rank's loss at every
+    step after the resume, and the final adapter, equal the uninterrupted run's (7 batches a rank an
+    epoch; stopped at step 3, run to step 10 in the next epoch)."""
+    from conftest import run_train_script
+
+    common = [*strategy, "--dropout", "0.05", "--steps", "10", "--log-losses"]
+    run_train_script("whole", llama_base, tmp_path / "whole", [*common, "--checkpoint-every", "3"])
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step=3.ckpt"
+    run_train_script("resumed", llama_base, tmp_path / "resumed", [*common, "--resume-from", str(checkpoint)])
+    for rank in (0, 1):
+        whole = torch.load(tmp_path / "whole" / f"losses-rank{rank}.pt")
+        resumed = torch.load(tmp_path / "resumed" / f"losses-rank{rank}.pt")
+        assert sorted(resumed) == list(range(4, 11))
+        for step in resumed:
+            assert torch.equal(resumed[step], whole[step]), (rank, step)
+    whole, resumed = torch.load(tmp_path / "whole" / "trained.pt"), torch.load(tmp_path / "resumed" / "trained.pt")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

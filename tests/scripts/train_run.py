@@ -32,6 +32,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ -> import deepspeed_cpu
 
@@ -200,8 +201,24 @@ def parse() -> argparse.Namespace:
                         help="reading the final checkpoint raises OSError on global rank 0, as a network filesystem can")
     parser.add_argument("--late-arch", default=None, help="configure_model first imports this architecture's "
                         "model classes; after fit a new model of it runs (OUT/late_arch.json)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="ModelCheckpoint(every_n_train_steps=N, save_top_k=-1) into OUT/checkpoints")
+    parser.add_argument("--log-losses", action="store_true", help="write OUT/losses-rankR.pt: each step's loss")
     parser.add_argument("--pg-timeout", type=float, default=None, help="process-group timeout in seconds")
     return parser.parse_args()
+
+
+class RecordLosses(L.Callback):
+    """Each training step's loss on this rank, by global step."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses[trainer.global_step] = loss.detach().cpu().clone()
 
 
 def main() -> None:
@@ -210,7 +227,7 @@ def main() -> None:
     out = Path(args.out)
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     added = args.added_tokens.split(",") if args.added_tokens else []
-    lora = dict(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets,
+    lora = dict(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
                 modules_to_save=args.modules_to_save.split(",") if args.modules_to_save else None,
                 use_rslora=args.rslora, use_dora=args.dora)
     if args.init is not None:
@@ -269,13 +286,22 @@ def main() -> None:
                                             every_n_train_steps=1, save_last=False))
     if args.record:
         callbacks.append(RecordStart(out / "start.pt"))
+    if args.checkpoint_every:
+        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args.checkpoint_every,
+                                         save_top_k=-1, filename="{step}"))
+    losses = RecordLosses()
+    if args.log_losses:
+        callbacks.append(losses)
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
         max_steps=args.steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=args.top_k_checkpoints, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=args.top_k_checkpoints or bool(args.checkpoint_every), enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=callbacks, default_root_dir=str(out),
     )
     trainer.fit(module, datamodule=data, ckpt_path=args.resume_from)
+    if args.log_losses:
+        torch.save(losses.losses, out / f"losses-rank{trainer.global_rank}.pt")
     trainer.save_checkpoint(out / "ckpt")
     trained = _gather_trained(trainer, module)
     frozen = _gather_lora_bases(module) if args.init is not None else None
