@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,37 +101,37 @@ class WeightFiles:
         return None
 
     def info(self, key: str) -> TensorInfo:
-        stored = self.resolve(key)
-        if stored is None:
-            raise ExportError(f"{self.argument}={str(self.directory)!r} holds no tensor {key!r}")
-        return self.tensors[stored]
+        return self.tensors[self._stored(key)]
 
     def get(self, key: str) -> torch.Tensor:
         """One tensor, read from its file (the file is mapped only while it is read)."""
-        from safetensors import SafetensorError, safe_open
-
-        stored = self.resolve(key)
-        if stored is None:
-            raise ExportError(f"{self.argument}={str(self.directory)!r} holds no tensor {key!r}")
-        file = self.tensors[stored].file
-        try:
-            with safe_open(file, "pt") as handle:
-                return handle.get_tensor(stored)
-        except (SafetensorError, OSError) as err:
-            raise ExportError(f"{self.argument}={str(self.directory)!r}: reading {stored!r} from {file.name} failed: {err}") from err
+        return self._read(key, lambda handle, stored: handle.get_tensor(stored))
 
     def rows(self, key: str, indices: list[int]) -> torch.Tensor:
         """Rows ``indices`` of one tensor (elements of a vector), read without the rest of it."""
-        from safetensors import SafetensorError, safe_open
 
+        def read(handle: Any, stored: str) -> torch.Tensor:
+            part = handle.get_slice(stored)
+            return torch.cat([part[index:index + 1] for index in indices])
+
+        return self._read(key, read)
+
+    def _stored(self, key: str) -> str:
         stored = self.resolve(key)
         if stored is None:
             raise ExportError(f"{self.argument}={str(self.directory)!r} holds no tensor {key!r}")
+        return stored
+
+    def _read(self, key: str, read: Callable[[Any, str], torch.Tensor]) -> torch.Tensor:
+        """``read(handle, stored key)`` on the safetensors file holding ``key``, mapped only meanwhile;
+        a failure is one line naming the file."""
+        from safetensors import SafetensorError, safe_open
+
+        stored = self._stored(key)
         file = self.tensors[stored].file
         try:
             with safe_open(file, "pt") as handle:
-                part = handle.get_slice(stored)
-                return torch.cat([part[index:index + 1] for index in indices])
+                return read(handle, stored)
         except (SafetensorError, OSError) as err:
             raise ExportError(f"{self.argument}={str(self.directory)!r}: reading {stored!r} from {file.name} failed: {err}") from err
 
