@@ -31,6 +31,7 @@ __all__ = [
     "load_checkpoint",
     "lora_config_from_dict",
     "read_adapter_config",
+    "recorded_run",
     "recorded_step",
 ]
 
@@ -300,3 +301,21 @@ def recorded_step(path: str | Path) -> int | None:
         return None
     step = state.get("global_step") if isinstance(state, dict) else None
     return int(step) if isinstance(step, int) else None
+
+
+def recorded_run(path: Path) -> dict[str, Any] | None:
+    """What a checkpoint records about its run (``peft_config``, ``base_model``, ...) without reading
+    its tensors, or ``None`` if that cannot be read (the full read then says why)."""
+    try:
+        if path.is_dir() and (path / "adapter_config.json").is_file():
+            config = read_adapter_config(path, "--checkpoint")
+            return {"peft_config": config, "base_model": config.get("base_model_name_or_path")}
+        if path.is_dir() and is_fsdp_checkpoint(path):
+            state = load_torch_file(path / "meta.pt", needed=CLIENT_NEEDED, report=False)
+        elif path.is_dir():
+            state = read_model_states(resolve_zero_tag(path), report=False)
+        else:
+            state = load_torch_file(path, needed=CLIENT_NEEDED, report=False)
+        return _metadata(state, path) if isinstance(state, dict) else None
+    except Exception:  # a cheap look ahead only: the full read reports what is wrong
+        return None

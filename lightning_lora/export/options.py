@@ -32,6 +32,9 @@ class ExportOptions:
         r: override the LoRA rank of the recorded config.
         lora_alpha: override the LoRA alpha of the recorded config.
         merge: write ``merged/``.
+        merge_skipped: why ``merge`` is off when the caller turned it off for the user (no merged
+            model can hold the run: see :mod:`~lightning_lora.export.bias_slots`); ``export.json``
+            and the summary say it.
         merge_impl: ``peft`` (the whole model in memory), ``streaming`` (one tensor at a time), or
             ``auto``: streaming (the same files, faster and lighter).
         save_adapter: write ``adapter/``.
@@ -65,6 +68,7 @@ class ExportOptions:
     r: int | None = None
     lora_alpha: float | None = None
     merge: bool = True
+    merge_skipped: str | None = None
     merge_impl: str = "auto"
     save_adapter: bool = True
     verify: bool = True
@@ -98,6 +102,8 @@ class ExportOptions:
             raise ExportError(f"--max-drift={self.max_drift!r} is not a fraction of tokens in [0, 1]")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ExportError(f"--workers={self.workers!r} is not a positive integer")
+        if self.merge and self.merge_skipped is not None:
+            raise ExportError(f"merge_skipped={self.merge_skipped!r} says why there is no merged model, but merge=True")
         if not self.merge and not self.save_adapter:
             raise ExportError("merge=False and save_adapter=False (--no-merge without an adapter) would export nothing")
         if self.device is not None:

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,13 @@ from lightning_lora.dtypes import dtype_name
 from lightning_lora.errors import ExportError, VerificationError
 from lightning_lora.export.adapter import write_adapter
 from lightning_lora.export.base_check import check_base, untouched_verdict
+from lightning_lora.export.bias_slots import (
+    BiasSlots,
+    add_zero_biases,
+    plan_bias_slots,
+    refuse_unmergeable,
+    unmergeable,
+)
 from lightning_lora.export.checkpoint import TrainedCheckpoint
 from lightning_lora.export.drift import measure_drift
 from lightning_lora.export.hf import (
@@ -85,6 +92,7 @@ class Job:
     impl_reason: str
     fingerprint: str
     previous: dict[str, Any] | None = None
+    slots: BiasSlots = field(default_factory=BiasSlots)  # the biases the merged model adds for lora_bias
 
 
 # --- prepare --------------------------------------------------------------------------------------
@@ -169,6 +177,7 @@ def prepare(checkpoint: str | Path | TrainedCheckpoint, output: Path, options: E
     _check_apart(output, checkpoint, options, given[1] if given else None)
     recover_interrupted(output.resolve())
     check_output(output, overwrite=True)  # never anything but an export of ours, whatever the settings
+    refuse_unmergeable(checkpoint, options)  # from the recorded configs, before any base weight file is opened
     base = None
     if given is not None:
         name, path = given
@@ -179,7 +188,7 @@ def prepare(checkpoint: str | Path | TrainedCheckpoint, output: Path, options: E
     check_base(sources)  # a wrong base of the same shapes, named before the merge writes a whole model
     dtype = resolve_dtype(options.dtype, sources.peft_model.base_model.model.config)
     fingerprint = inputs_fingerprint(sources, options)
-    job = Job(sources, options, output, dtype, "", "", fingerprint)
+    job = Job(sources, options, output, dtype, "", "", fingerprint, slots=_slots(sources, options))
     job.previous = _previous_export(output, fingerprint)
     if job.previous is not None:
         return job
@@ -190,6 +199,19 @@ def prepare(checkpoint: str | Path | TrainedCheckpoint, output: Path, options: E
         log.info("merge implementation: %s (%s)", job.impl, job.impl_reason)
     _check_space(output, sources.base, dtype, options, trained_bytes)
     return job
+
+
+def _slots(sources: Sources, options: ExportOptions) -> BiasSlots:
+    """Where the merged model holds the run's lora biases; an export that cannot have one fails."""
+    if not options.merge:
+        return BiasSlots()
+    slots = plan_bias_slots(sources.peft_model, "default")
+    if slots.problem is not None:
+        raise ExportError(unmergeable(slots.problem))
+    if slots.switches:
+        log.info("lora_bias on layers without a bias: the merged model sets %s (zero biases where no lora bias lands)",
+                 ", ".join(f"{name}=true" for name in slots.switches))
+    return slots
 
 
 # --- share: each worker's part --------------------------------------------------------------------
@@ -203,6 +225,7 @@ def _merged_in_memory(job: Job) -> Any:
     except OSError as err:
         raise ExportError(f"--base-model={sources.base_name!r} could not be loaded: {err}") from err
     load_trained(model, sources.trained, sources.frozen, sources.rewritten)
+    add_zero_biases(model, job.slots.added)  # PEFT merges a lora bias only into a bias the layer has
     state = merge(model, job.dtype).state_dict()
 
     def value(entry: Any) -> torch.Tensor:
@@ -215,7 +238,7 @@ def _merged_in_memory(job: Job) -> Any:
 def _plan(job: Job) -> MergePlan:
     sources = job.sources
     return plan_merge(sources.peft_model, sources.trained, sources.frozen, sources.base, sources.rewritten, job.dtype,
-                      job.options.max_shard_size)
+                      job.options.max_shard_size, job.slots.added)
 
 
 def _write_metadata(job: Job, tmp: Path, plan: MergePlan | None) -> dict[str, Any]:
@@ -225,7 +248,7 @@ def _write_metadata(job: Job, tmp: Path, plan: MergePlan | None) -> dict[str, An
     written: dict[str, Any] = {}
     if options.merge:
         write_index(plan, merged_dir)
-        write_config(sources.peft_model, Path(sources.base_path), merged_dir, job.dtype, plan.untie)
+        write_config(sources.peft_model, Path(sources.base_path), merged_dir, job.dtype, plan.untie, job.slots.switches)
         written["tokenizer"] = _ship_tokenizer(merged_dir, options.tokenizer, sources.checkpoint.tokenizer_files, sources.base_path)
         written["special_token_changes"] = reconcile_special_ids(merged_dir)
         for change in written["special_token_changes"]:
@@ -330,7 +353,7 @@ def run_share(job: Job, tmp: Path, rendezvous: Rendezvous) -> dict[str, Any]:
             files = WeightFiles(merged_dir, "merged", sources.peft_model.base_model.model.base_model_prefix,
                                 files=[merged_dir / name for name in report["shards"]])
             tensors = verify_tensors(files, files.keys(), *_reference(job), job.dtype, _tied(sources.peft_model, plan),
-                                     options.device)
+                                     options.device, job.slots.added)
             lap("tensor check")
         if rank == 0:
             report["metadata"] = _write_metadata(job, tmp, plan)
@@ -359,7 +382,7 @@ def run_share(job: Job, tmp: Path, rendezvous: Rendezvous) -> dict[str, Any]:
 def _combine(reports: dict[int, dict[str, Any]], options: ExportOptions, reference: str) -> dict[str, Any]:
     """One verification report from every worker's."""
     if not options.merge:
-        return {"skipped": "no merged model"}
+        return {"skipped": f"no merged model: {options.merge_skipped}" if options.merge_skipped else "no merged model"}
     if not options.verify:
         return {"skipped": "--no-verify"}
     parts = {rank: reports[rank]["verification"] for rank in sorted(reports)}
@@ -443,6 +466,9 @@ def finish(job: Job, tmp: Path, reports: dict[int, dict[str, Any]], started: flo
         "base_model": sources.base_name,
         "base_model_path": sources.base_path,
         "lora_config": sources.lora_config,
+        "merged": ("written" if options.merge else f"not written: {options.merge_skipped}" if options.merge_skipped
+                   else "not requested"),
+        "bias_slots": job.slots.record(),
         "merge_impl": job.impl or None,
         "merge_impl_reason": job.impl_reason or None,
         "dtype": dtype_name(job.dtype),
@@ -592,7 +618,8 @@ def _follow(checkpoint: str | Path, options: ExportOptions, meeting: Path, rank:
             begin = rendezvous.wait("begin", ranks=[0])[0]
             dtype = resolve_dtype(options.dtype, sources.peft_model.base_model.model.config)
             tmp = Path(begin["tmp"])
-            run_share(Job(sources, options, tmp, dtype, begin["impl"], "", ""), tmp, rendezvous)
+            job = Job(sources, options, tmp, dtype, begin["impl"], "", "", slots=_slots(sources, options))
+            run_share(job, tmp, rendezvous)
             rendezvous.wait("published", ranks=[0])
             rendezvous.report("done")
         except BaseException as err:

@@ -75,6 +75,7 @@ class Update:
     bias: tuple[torch.Tensor, float] | None = None  # lora_bias: lora_B's bias and the scale
     rows: int | None = None  # grow to this many rows (added tokens), as resize_vocab does
     tokens: tuple[list[int], torch.Tensor] | None = None  # trainable tokens: these rows replaced by these values
+    zeros: list[int] | None = None  # a bias the merged config adds (bias_slots.py): starts as zeros of this shape
 
 
 @dataclass
@@ -110,7 +111,8 @@ class MergePlan:
 
 
 def plan_merge(model: Any, trained: dict[str, torch.Tensor], frozen: Mapping[str, torch.Tensor], base: WeightFiles,
-               rewritten: set[str], dtype: torch.dtype, max_shard_size: str | int) -> MergePlan:
+               rewritten: set[str], dtype: torch.dtype, max_shard_size: str | int,
+               slots: Mapping[str, list[int]] | None = None) -> MergePlan:
     """Decide, for every tensor the merged model saves, its source, its update and its shard.
 
     Args:
@@ -121,10 +123,13 @@ def plan_merge(model: Any, trained: dict[str, torch.Tensor], frozen: Mapping[str
         rewritten: PEFT-model keys whose value is the checkpoint's frozen weight, not the base's.
         dtype: dtype of the merged floating-point weights.
         max_shard_size: largest output shard.
+        slots: bias key -> shape of the biases the merged config adds (see
+            :mod:`~lightning_lora.export.bias_slots`): zero, plus the lora bias merged there.
     """
     plan = MergePlan(sources={}, updates=_updates(model, trained, frozen, rewritten), untie=False)
     _plan_embeddings(model, plan)
     _plan_sources(model, plan, base)
+    _plan_slots(plan, slots or {})
     plan.entries = _entries(plan, base, frozen, dtype)
     leftovers = [entry.key for entry in plan.entries if is_adapter_key(entry.key)]
     if leftovers:
@@ -226,11 +231,32 @@ def _plan_sources(model: Any, plan: MergePlan, base: WeightFiles) -> None:
         plan.sources[key] = source
 
 
+def _plan_slots(plan: MergePlan, slots: Mapping[str, list[int]]) -> None:
+    """Each added bias right after its weight, as the merged model's ``state_dict`` orders them;
+    a lora bias with nowhere to go fails here rather than vanish from the export."""
+    for key, shape in slots.items():
+        plan.updates.setdefault(key, Update()).zeros = list(shape)
+    ordered: dict[str, str] = {}
+    for key, source in plan.sources.items():
+        ordered[key] = source
+        bias = f"{key.removesuffix('.weight')}.bias"
+        if key.endswith(".weight") and bias in slots and bias not in plan.sources:
+            ordered[bias] = ""
+    lost = sorted(key for key, update in plan.updates.items()
+                  if (update.bias is not None or update.zeros is not None) and key not in ordered)
+    if lost:
+        raise ExportError(f"the merged model has no place for the bias(es) {lost[:3]}; nothing was published")
+    plan.sources = ordered
+
+
 def _entries(plan: MergePlan, base: WeightFiles, frozen: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[Entry]:
     """Shape and output dtype of every output tensor, from the base files' headers."""
     entries = []
     for key, source in plan.sources.items():
         update = plan.updates.get(key)
+        if not source and update.zeros is not None:
+            entries.append(Entry(key, list(update.zeros), dtype))
+            continue
         if not source:
             value = update.replacement if update.replacement is not None else frozen[update.frozen_key]
             entries.append(Entry(key, list(value.shape), dtype if value.is_floating_point() else value.dtype))

@@ -126,6 +126,8 @@ def streamed_values(plan: MergePlan, base: WeightFiles, frozen: Mapping[str, tor
         source = plan.sources[entry.key]
         if update is not None and update.frozen_key is not None:
             start = frozen[update.frozen_key]
+        elif update is not None and update.zeros is not None:
+            start = torch.zeros(update.zeros)  # a bias the merged config adds
         else:
             start = base.get(source) if source else None
         return merged_value(start, update, dtype, workspace)
@@ -156,8 +158,10 @@ def write_index(plan: MergePlan, output_dir: Path) -> None:
     (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_config(model: Any, base_dir: Path, output_dir: Path, dtype: torch.dtype, untie: bool) -> None:
-    """config.json (dtype, untied head) and the base's generation_config.json, as save_pretrained writes them."""
+def write_config(model: Any, base_dir: Path, output_dir: Path, dtype: torch.dtype, untie: bool,
+                 switches: tuple[str, ...] = ()) -> None:
+    """config.json (dtype, untied head, the bias ``switches`` turned on) and the base's
+    generation_config.json, as save_pretrained writes them."""
     import copy
 
     from transformers import GenerationConfig
@@ -166,6 +170,8 @@ def write_config(model: Any, base_dir: Path, output_dir: Path, dtype: torch.dtyp
     config.dtype = dtype
     if untie:
         config.tie_word_embeddings = False
+    for name in switches:  # the layers that hold a lora bias get a bias (bias_slots.py)
+        setattr(config.get_text_config(), name, True)
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(output_dir)
     copy_code_files(base_dir, output_dir)  # a custom model trusted by name: its code, as save_pretrained ships it

@@ -9,6 +9,9 @@ For each tensor of the merged files (of the shards one worker owns):
   ``W + delta ~ 0`` cannot fail a correct merge);
 - trained token rows: PEFT's merge of the trainable-tokens layer, cast once, bit for bit;
 - a ``modules_to_save`` tensor: the trained tensor cast once, bit for bit;
+- a bias the merged config adds (:mod:`~lightning_lora.export.bias_slots`): where a lora bias
+  lands, PEFT's merge of the layer given a zero bias (what the trained layer adds, since it has
+  none), within one ulp; anywhere else zero, bit for bit;
 - everything else: its source cast once, bit for bit.
 
 A tensor that is missing, unexpected, of another shape, or off by more fails and is named.
@@ -16,12 +19,14 @@ A tensor that is missing, unexpected, of another shape, or off by more fails and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from lightning_lora.export.keys import PEFT_ROOT
 from lightning_lora.export.plan import hf_name, is_adapter_key
 from lightning_lora.export.reference import Materializer, TrainedModel
 from lightning_lora.export.weights import WeightFiles
@@ -95,6 +100,28 @@ def _owner(peft_model: Any, key: str) -> tuple[str, Any] | None:
     return None
 
 
+@contextmanager
+def _zero_base_biases(wrapper: Any) -> Iterator[None]:
+    """A zero bias, for the duration, on each loaded base layer inside ``wrapper`` that has none but
+    whose LoRA layer has a lora bias: PEFT merges a lora bias only into a bias, and a zero one
+    leaves the layer's function unchanged."""
+    from peft.tuners.lora import LoraLayer
+
+    added = []
+    for layer in wrapper.modules():
+        base = layer.get_base_layer() if isinstance(layer, LoraLayer) else None
+        if base is not None and any(layer.lora_bias.values()) and getattr(base, "bias", None) is None:
+            weight = base.weight
+            base.bias = torch.nn.Parameter(torch.zeros(layer.out_features, dtype=weight.dtype, device=weight.device),
+                                           requires_grad=False)
+            added.append(base)
+    try:
+        yield
+    finally:
+        for base in added:
+            base.bias = None
+
+
 @torch.no_grad()
 def _merged_by_peft(wrapper: Any, key: str, peft_model: Any) -> torch.Tensor:
     """PEFT's merge of the loaded ``wrapper``, in place: the merged value of ``key``. The wrapper's
@@ -113,7 +140,7 @@ def _merged_by_peft(wrapper: Any, key: str, peft_model: Any) -> torch.Tensor:
 
 
 def check_tensors(merged: WeightFiles, keys: list[str], reference: TrainedModel, dtype: torch.dtype,
-                  device: torch.device, tied: bool) -> TensorReport:
+                  device: torch.device, tied: bool, slots: Mapping[str, list[int]] | None = None) -> TensorReport:
     """Compare the merged tensors ``keys`` with the reference; see the module docstring.
 
     Args:
@@ -123,6 +150,7 @@ def check_tensors(merged: WeightFiles, keys: list[str], reference: TrainedModel,
         dtype: the export dtype.
         device: where to compute.
         tied: the merged config ties the head to the input embeddings.
+        slots: bias key -> shape of the biases the merged config adds to the trained model's layers.
     """
     from peft.utils import ModulesToSaveWrapper
 
@@ -133,6 +161,9 @@ def check_tensors(merged: WeightFiles, keys: list[str], reference: TrainedModel,
     head_key = _tied_head_key(peft_model) if tied else None
     input_key = _input_key(peft_model) if tied else None
     for key in keys:
+        if key not in holders and key in (slots or {}):
+            _check_slot(report, key, merged.get(key), list(slots[key]), peft_model, loader, dtype)
+            continue
         if key not in holders:
             report.problems.append(f"merged tensor {key!r} is not a tensor of the trained model")
             continue
@@ -154,7 +185,8 @@ def check_tensors(merged: WeightFiles, keys: list[str], reference: TrainedModel,
             else:
                 loader.load(owner[1])
                 try:
-                    expected = _merged_by_peft(owner[1], peft_key, peft_model)
+                    with _zero_base_biases(owner[1]):
+                        expected = _merged_by_peft(owner[1], peft_key, peft_model)
                     if hasattr(owner[1], "lora_A"):
                         _within_ulp(report, name, stored, expected, lambda: reference.value(peft_key), dtype)
                     else:
@@ -162,6 +194,28 @@ def check_tensors(merged: WeightFiles, keys: list[str], reference: TrainedModel,
                 finally:
                     loader.release(owner[1])
     return report
+
+
+def _check_slot(report: TensorReport, key: str, stored: torch.Tensor, shape: list[int], peft_model: Any,
+                loader: Materializer, dtype: torch.dtype) -> None:
+    """A bias the merged config adds: the lora bias PEFT merges into a zero bias, or zero."""
+    from peft.tuners.lora import LoraLayer
+
+    if list(stored.shape) != shape:
+        report.problems.append(f"merged tensor {key!r} has shape {tuple(stored.shape)}, the layer's bias {tuple(shape)}")
+        return
+    module = peft_model.get_submodule(PEFT_ROOT + key.removesuffix(".bias"))
+    zeros = torch.zeros(shape, dtype=stored.dtype)
+    if not (isinstance(module, LoraLayer) and any(module.lora_bias.values())):
+        _exact(report, key, stored, zeros, "added zero bias")
+        return
+    loader.load(module)
+    try:
+        with _zero_base_biases(module):
+            expected = _merged_by_peft(module, f"{PEFT_ROOT}{key.removesuffix('.bias')}.base_layer.bias", peft_model)
+        _within_ulp(report, key, stored, expected, lambda: torch.zeros_like(expected), dtype)
+    finally:
+        loader.release(module)
 
 
 def _input_key(peft_model: Any) -> str:

@@ -3,7 +3,8 @@
 Three checks, each independent of the merge (see :mod:`~lightning_lora.export.reference`):
 
 - *config*: ``merged/config.json`` says what the trained model's config says, except the fields
-  an export changes on purpose (dtype, vocabulary size, an untied head, special token ids);
+  an export changes on purpose (dtype, vocabulary size, an untied head, special token ids, a
+  switch that gives layers a bias for their lora bias: see :mod:`~lightning_lora.export.bias_slots`);
 - *tensors* (:mod:`~lightning_lora.export.tensor_check`): every merged tensor against PEFT's own
   merge of that module, or its source, cast once;
 - *function* (:mod:`~lightning_lora.export.function_check`): probes through both models block by
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from lightning_lora.errors import ExportError
+from lightning_lora.export.bias_slots import bias_switches, plan_bias_slots
 from lightning_lora.export.function_check import SAFETY, Side, check_function
 from lightning_lora.export.probes import build_probes, probes_for
 from lightning_lora.export.reference import TrainedModel
@@ -60,12 +62,14 @@ def describe_tolerances(dtype: torch.dtype) -> dict[str, str]:
     }
 
 
-def check_config(trained: Any, merged: Any, vocab_rows: int) -> list[str]:
-    """Fields of the merged config that differ from the trained model's, beyond an export's own changes."""
+def check_config(trained: Any, merged: Any, vocab_rows: int, switched: tuple[str, ...] = ()) -> list[str]:
+    """Fields of the merged config that differ from the trained model's, beyond an export's own changes
+    (``switched``: the bias switches it turned on)."""
     want, got = trained.to_dict(), merged.to_dict()
     problems = [
         f"config.json: {key} is {got.get(key)!r} in the merged model, the trained model's is {want.get(key)!r}"
-        for key in sorted(set(want) | set(got)) if key not in _EXPORT_FIELDS and want.get(key) != got.get(key)
+        for key in sorted(set(want) | set(got))
+        if key not in _EXPORT_FIELDS and key not in switched and want.get(key) != got.get(key)
     ]
     rows = getattr(merged.get_text_config(), "vocab_size", None)
     if rows is not None and rows != vocab_rows:
@@ -75,17 +79,20 @@ def check_config(trained: Any, merged: Any, vocab_rows: int) -> list[str]:
 
 def verify_tensors(merged: WeightFiles, keys: list[str], peft_model: Any, trained: dict[str, torch.Tensor],
                    frozen: Mapping[str, torch.Tensor], base: WeightFiles, dtype: torch.dtype, tied: bool,
-                   device: str | torch.device | None = None) -> dict[str, Any]:
+                   device: str | torch.device | None = None,
+                   slots: Mapping[str, list[int]] | None = None) -> dict[str, Any]:
     """The tensor check of ``keys`` of the merged files (one worker's own shards, as soon as it
     wrote them): see :mod:`~lightning_lora.export.tensor_check`. ``tied``: the export ties the
-    head to the input embeddings."""
-    return _tensor_report(merged, keys, TrainedModel(peft_model, trained, frozen, base), dtype, compute_device(device), tied)
+    head to the input embeddings; ``slots``: the biases it adds (key -> shape), whose config
+    :func:`verify_export` checks once it is written."""
+    reference = TrainedModel(peft_model, trained, frozen, base)
+    return _tensor_report(merged, keys, reference, dtype, compute_device(device), tied, slots)
 
 
 def _tensor_report(merged: WeightFiles, keys: list[str], reference: TrainedModel, dtype: torch.dtype, device: torch.device,
-                   tied: bool) -> dict[str, Any]:
+                   tied: bool, slots: Mapping[str, list[int]] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
-    result = check_tensors(merged, keys, reference, dtype, device, tied)
+    result = check_tensors(merged, keys, reference, dtype, device, tied, slots)
     return {"tensors": {**result.as_dict(), "seconds": round(time.perf_counter() - started, 3)},
             "problems": list(result.problems), "rewritten_base_tensors": sorted(reference.rewritten)}
 
@@ -133,14 +140,17 @@ def verify_export(
     hf_model = peft_model.base_model.model
     tied = bool(getattr(merged_config.get_text_config(), "tie_word_embeddings", False))
     report: dict[str, Any] = {"device": str(device), "tolerances": describe_tolerances(dtype)}
-    problems = check_config(hf_model.config, merged_config, hf_model.get_input_embeddings().weight.shape[0])
+    switched, slots = _added_biases(hf_model.config, merged_config)
+    problems = check_config(hf_model.config, merged_config, hf_model.get_input_embeddings().weight.shape[0], switched)
+    problems += [f"config.json: no bias for the trained lora bias of {key.removesuffix('.bias')!r} (the merged model "
+                 "would lose it)" for key in plan_bias_slots(peft_model, "default").needed if key not in slots]
     report["config"] = {"problems": list(problems)}
     if complete:
-        want, have = expected_keys(peft_model, tied), set(merged_files.keys())
+        want, have = expected_keys(peft_model, tied) | set(slots), set(merged_files.keys())
         problems += [f"the merged files lack {key!r}" for key in sorted(want - have)]
         problems += [f"the merged files hold {key!r}, which the merged config has no use for" for key in sorted(have - want)]
     keys = sorted(merged_files.keys()) if keys is None else keys
-    tensors = _tensor_report(merged_files, keys, reference, dtype, device, tied)
+    tensors = _tensor_report(merged_files, keys, reference, dtype, device, tied, slots)
     problems += tensors["problems"]
     report["tensors"] = tensors["tensors"]
     function_started = time.perf_counter()
@@ -165,6 +175,18 @@ def verify_export(
     report["passed"] = not problems
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
+
+
+def _added_biases(trained: Any, merged: Any) -> tuple[tuple[str, ...], dict[str, list[int]]]:
+    """The bias switches the merged config turned on, and the biases (key -> shape) they add to the
+    trained model's layers: found from the two configs, whatever the exporter decided."""
+    before, after = trained.get_text_config(), merged.get_text_config()
+    if not any(getattr(after, name, None) is True for name, value in before.to_dict().items()
+               if "bias" in name.lower() and value is False):
+        return (), {}  # the usual case: no model is built to find out
+    switches = bias_switches(trained)
+    on = tuple(name for name in switches if getattr(after, name, None) is True)
+    return on, {key: shape for name in on for key, shape in switches[name].items()}
 
 
 def _shape_problems(merged_dir: Path) -> list[str]:
