@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["InstructionDataModule", "LoraFinetuneModule"]
+__all__ = ["InstructionDataModule", "LoraFinetuneModule", "resolve_ckpt_path", "resume_checkpoint"]
 __version__ = "0.1.0"
 
 
@@ -18,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from lightning_lora.module import LoraFinetuneModule
 
         return LoraFinetuneModule
+    if name in ("resolve_ckpt_path", "resume_checkpoint"):
+        from lightning_lora import resume
+
+        return getattr(resume, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

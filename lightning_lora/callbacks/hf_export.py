@@ -15,9 +15,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_lora.errors import ExportError
+from lightning_lora.export.bias_slots import plan_bias_slots
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, TrainedCheckpoint, config_to_dict, recorded_step
 from lightning_lora.export.fsdp import check_fsdp_files, is_fsdp_checkpoint
 from lightning_lora.export.inits import rewrites_base
@@ -50,7 +52,9 @@ class HFExport(L.Callback):
 
     Args:
         dirpath: the export directory (``adapter/``, ``merged/``, ``export.json``).
-        merge: write the merged model.
+        merge: write the merged model. A run whose merged model cannot exist (``lora_bias`` on
+            layers that no config setting gives a bias) is told so at fit start, and its export
+            writes the adapter alone, saying why in ``export.json`` and the summary line.
         save_adapter: write the PEFT adapter.
         dtype: dtype of the merged weights: ``auto`` (the base's), ``fp32``, ``bf16``, ``fp16``.
         max_shard_size: largest safetensors shard of the merged model.
@@ -98,6 +102,7 @@ class HFExport(L.Callback):
         self.dirpath = Path(dirpath)
         self.export_on_exception = export_on_exception
         self.result: dict[str, Any] | None = None
+        self._merge_skipped: str | None = None  # why this run can have no merged model (on_fit_start)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -133,6 +138,24 @@ class HFExport(L.Callback):
                 raise ValueError(f"init_lora_weights={init!r} rewrites base weights, and DeepSpeedStrategy("
                                  "exclude_frozen_parameters=True) would leave them out of every checkpoint, so the "
                                  "trained model could not be exported: set exclude_frozen_parameters=False")
+        self._plan_merge(peft_model)
+
+    def _plan_merge(self, peft_model: Any) -> None:
+        """Whether the merged model can hold this run (its lora biases need a bias to merge into),
+        said in one line now rather than after days of training."""
+        if not self.options.merge:
+            return
+        slots = plan_bias_slots(peft_model)
+        self._merge_skipped = slots.problem
+        if slots.problem is not None and not self.options.save_adapter:
+            raise ValueError(f"HFExport: {slots.problem}, and save_adapter=False: this run could export nothing")
+        if slots.problem is not None:
+            rank_zero_warn(f"HFExport: {slots.problem}; the export at the end of this run writes the adapter alone "
+                           "(HFExport(merge=False) says so up front)")
+        elif slots.switches:
+            switched = ", ".join(f"{name}=true" for name in slots.switches)
+            rank_zero_info(f"HFExport: lora_bias on layers without a bias: the merged model will set {switched}, "
+                           "with zero biases where no lora bias lands")
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -162,7 +185,8 @@ class HFExport(L.Callback):
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not self.export_on_exception or not trainer.is_global_zero:
+        # A preempted run (SIGTERM, Preemption) did not fail: it resumes, and exports when it finishes.
+        if not self.export_on_exception or not trainer.is_global_zero or isinstance(exception, SIGTERMException):
             return
         last = _last_written(trainer)
         if last is None:
@@ -180,6 +204,8 @@ class HFExport(L.Callback):
         from dataclasses import asdict
 
         options = asdict(self.options)
+        if self._merge_skipped is not None:
+            options.update(merge=False, merge_skipped=self._merge_skipped)
         return {**options, "base_model": options["base_model"] or described["base_model"],
                 "lora_config": described["peft_config"], "prefix": described["prefix"], "probes": probes}
 
