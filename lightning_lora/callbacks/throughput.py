@@ -29,7 +29,10 @@ class TokenThroughput(L.Callback):
     packed batch).
 
     The totals over the whole fit, of this device, stay readable after it: ``total_tokens``,
-    ``total_nonpad_tokens`` and ``total_seconds``.
+    ``total_nonpad_tokens`` and ``total_seconds``. Every checkpoint keeps them, and the counts since
+    the last log, for every rank, so a run resumed with ``ckpt_path`` continues them and logs at the
+    steps the uninterrupted run logs at (on another number of devices, rank ``r`` continues the
+    earlier run's rank ``r``, or starts from zero where there was none).
 
     Args:
         log_every_n_steps: log every this many optimizer steps; ``None`` uses the trainer's
@@ -49,9 +52,30 @@ class TokenThroughput(L.Callback):
         self._logged_step = 0  # no log before the first optimizer step
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before a resumed run's checkpoint gives the counts back
+            self.total_tokens, self.total_nonpad_tokens, self.total_seconds = 0, 0, 0.0
+            self._window = [0, 0, 0.0]
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Each rank counts its own batches, and only rank 0's checkpoint is written: gather them
+        # (a collective; every rank takes part in saving a checkpoint).
+        mine = torch.tensor([self.total_tokens, self.total_nonpad_tokens, self.total_seconds, *self._window],
+                            dtype=torch.float64, device=pl_module.device)
+        ranks = trainer.strategy.all_gather(mine).reshape(-1, mine.numel()).cpu().tolist()
+        checkpoint.setdefault("callbacks", {})[self.state_key] = {"ranks": ranks}
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        ranks = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("ranks", [])
+        if trainer.global_rank < len(ranks):
+            tokens, nonpad, seconds, window_tokens, window_nonpad, window_seconds = ranks[trainer.global_rank]
+            self.total_tokens, self.total_nonpad_tokens, self.total_seconds = int(tokens), int(nonpad), seconds
+            self._window = [int(window_tokens), int(window_nonpad), window_seconds]
+
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.total_tokens, self.total_nonpad_tokens, self.total_seconds = 0, 0, 0.0
-        self._window = [0, 0, 0.0]
         self._logged_step = trainer.global_step  # a resumed run logs from its next step on
         # A run resumed mid-epoch starts without on_train_epoch_start: the clock starts here too.
         self._clock = time.perf_counter()
