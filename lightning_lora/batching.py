@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_lora.dtypes import IGNORE_INDEX
 
-__all__ = ["PACKING_MODEL_TYPES", "TrainingBatchSampler", "collate_packed", "count_tokens"]
+__all__ = ["PACKING_MODEL_TYPES", "PADDING_OFFSET", "TrainingBatchSampler", "TrainingExamples", "collate_packed", "count_tokens"]
 
 # Length grouping sorts windows of this many batches: enough to find similar lengths, small enough
 # that batch composition still changes from epoch to epoch (Hugging Face's megabatches).
@@ -29,6 +29,8 @@ _BATCHES_PER_WINDOW = 50
 # needs (see TrainingBatchSampler). More make an epoch's own shuffle fit more often, at the price of
 # a few more split batches every epoch.
 _REFERENCE_SHUFFLES = 16
+# A padding batch's indices are its examples' plus this (the training dataset maps them back, flagged).
+PADDING_OFFSET = 1 << 40
 # Model types whose attention builds the block-diagonal mask of packed rows from ``position_ids``
 # (transformers' ``create_causal_mask``): checked with a tiny random model of each type on
 # transformers 4.56 and 5.24, packed logits equal to those of each example run alone.
@@ -82,10 +84,15 @@ class TrainingBatchSampler(BatchSampler):
         drawn by the epoch, instead: every example still once, in a random but not new
         composition.
 
-    Every rank must get the same number of batches, or the ranks that finish first would wait
-    forever in the next gradient all-reduce. When the batch count is not a multiple of the number
-    of ranks the batch with the most examples is split in two until it is, so no example is
-    repeated or dropped; only when every batch holds a single example are batches repeated.
+    The list of an epoch's batches (:meth:`epoch_batches`) depends on the seed and the epoch only,
+    never on the number of ranks, so a run can resume on another number of ranks exactly where it
+    stopped (:meth:`resume` takes a position in that list). The ranks take the batches in turn:
+    rank ``r`` of ``N`` the batches ``r, r + N, ...``. Every rank must get the same number of
+    batches, or the ranks that finish first would wait forever in the next gradient all-reduce:
+    in an epoch's last round a rank left short gets a padding batch (a copy of the epoch's last
+    batch, made of :data:`PADDING_OFFSET`-shifted indices that :class:`TrainingExamples` flags),
+    which the collate function marks ``loss_weight=0``: the module multiplies its loss by zero, so
+    no example weighs twice.
 
     The ranks and the epoch come from ``sampler``, a ``DistributedSampler`` over the examples
     (its own order is not used). That is the contract Lightning keeps with a batch sampler made
@@ -133,10 +140,10 @@ class TrainingBatchSampler(BatchSampler):
         self.group_by_length = group_by_length
         self.packed = packed
         self.seed = seed
-        self.skip = 0  # batches of the next pass already trained on (a resumed run)
+        self.start = 0  # batches of the next pass's epoch already trained on, all ranks together (a resumed run)
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of ``epoch``, in training order."""
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch``, in training order: the same at any number of ranks."""
         rng = random.Random(f"{self.seed}:{epoch}")
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
@@ -151,9 +158,18 @@ class TrainingBatchSampler(BatchSampler):
             at_least = self._random_budget_count
             if len(batches) > at_least:
                 batches = self._token_budget(self._reference_order(rng.randrange(_REFERENCE_SHUFFLES)))
-        batches = _even_out(batches, self.sampler.num_replicas, at_least)
+        batches = _split_to(batches, at_least)
         rng.shuffle(batches)
-        return batches[self.sampler.rank :: self.sampler.num_replicas]
+        return batches
+
+    def batches(self, epoch: int, start: int = 0) -> list[list[int]]:
+        """This rank's batches of ``epoch`` from position ``start`` of :meth:`epoch_batches` on, in
+        training order, a padding batch last where this rank is left short in the last round."""
+        rest = self.epoch_batches(epoch)[start:]
+        mine = rest[self.sampler.rank :: self.sampler.num_replicas]
+        if len(mine) < -(-len(rest) // self.sampler.num_replicas):
+            mine.append([index + PADDING_OFFSET for index in rest[-1]])
+        return mine
 
     def _fixed_size(self, order: list[int]) -> list[list[int]]:
         window = self.batch_size * _BATCHES_PER_WINDOW if self.group_by_length else len(order)
@@ -192,14 +208,14 @@ class TrainingBatchSampler(BatchSampler):
         """The number of random budgeted batches of every epoch, before evening out across ranks."""
         return max(len(self._token_budget(self._reference_order(n))) for n in range(_REFERENCE_SHUFFLES))
 
-    def resume(self, epoch: int, done: int) -> None:
-        """Make the next pass the rest of ``epoch`` after its first ``done`` batches (a run resumed
-        from a checkpoint taken mid-epoch), or the next epoch once ``epoch`` was done; ``len``
-        stays the whole epoch's, as Lightning counts."""
-        if done >= len(self.batches(epoch)):
-            epoch, done = epoch + 1, 0
+    def resume(self, epoch: int, position: int) -> None:
+        """Make the next pass the rest of ``epoch`` after its first ``position`` batches (of
+        :meth:`epoch_batches`: all ranks together; a run resumed from a checkpoint taken mid-epoch),
+        or the next epoch once ``epoch`` was done; ``len`` stays the whole epoch's, as Lightning counts."""
+        if position >= len(self.epoch_batches(epoch)):
+            epoch, position = epoch + 1, 0
         self.sampler.set_epoch(epoch)
-        self.skip = done
+        self.start = position
 
     @override
     def __iter__(self) -> Iterator[list[int]]:
@@ -208,22 +224,36 @@ class TrainingBatchSampler(BatchSampler):
         # before the one it reads (_BaseDataLoaderIter.__init__, then _reset).
         epoch = self.sampler.epoch
         self.sampler.set_epoch(epoch + 1)  # the next pass differs unless set_epoch says otherwise
-        skip, self.skip = self.skip, 0
-        yield from self.batches(epoch)[skip:]
+        start, self.start = self.start, 0
+        yield from self.batches(epoch, start)
 
     @override
     def __len__(self) -> int:
         return len(self.batches(self.sampler.epoch))
 
 
-def _even_out(batches: list[list[int]], replicas: int, at_least: int = 0) -> list[list[int]]:
-    """Split the largest batches until there are ``at_least`` and a multiple of ``replicas`` (see
-    :class:`TrainingBatchSampler`)."""
-    while len(batches) < at_least or len(batches) % replicas:
+class TrainingExamples(Sequence[Mapping[str, Any]]):
+    """The training examples as :class:`TrainingBatchSampler` indexes them: index ``i`` is example
+    ``i``, index ``PADDING_OFFSET + i`` a copy of it flagged ``"padding": True``."""
+
+    def __init__(self, examples: Sequence[Mapping[str, Any]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Mapping[str, Any]:  # type: ignore[override]
+        if index >= PADDING_OFFSET:
+            return {**self.examples[index - PADDING_OFFSET], "padding": True}
+        return self.examples[index]
+
+
+def _split_to(batches: list[list[int]], at_least: int) -> list[list[int]]:
+    """Split the largest batches in two until there are ``at_least`` (see :class:`TrainingBatchSampler`)."""
+    while len(batches) < at_least:
         i = max(range(len(batches)), key=lambda j: len(batches[j]))
         if len(batches[i]) == 1:
-            missing = padded(max(len(batches), at_least), replicas) - len(batches)
-            return batches + [batches[j % len(batches)] for j in range(missing)]
+            return batches  # nothing left to split: fewer batches, every example still once
         half = len(batches[i]) // 2
         batches[i : i + 1] = [batches[i][:half], batches[i][half:]]
     return batches

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from typing_extensions import override
 
-from lightning_lora.batching import PACKING_MODEL_TYPES, TrainingBatchSampler, collate_packed, padded
+from lightning_lora.batching import PACKING_MODEL_TYPES, TrainingBatchSampler, TrainingExamples, collate_packed, padded
 from lightning_lora.dtypes import IGNORE_INDEX
 from lightning_lora.export.tokens import add_tokens
 from lightning_lora.templates import TEMPLATES, TemplateName, render_alpaca, render_messages
@@ -381,12 +381,18 @@ class InstructionDataModule(L.LightningDataModule):
         return collate(examples, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
     def collate_train(self, examples: Sequence[Example]) -> dict[str, Any]:
+        # A padding batch (a rank left short in an epoch's last round, see TrainingBatchSampler).
+        padding = any(example.get("padding") for example in examples)
+        if padding:
+            examples = [{key: value for key, value in e.items() if key != "padding"} for e in examples]
         if self.pack:
             batch = collate_packed(examples, self.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
         else:
             batch = self.collate(examples)
         if self.token_weighted_loss and self.loss_tokens_per_batch is not None:
             batch["num_items_in_batch"] = torch.tensor(self.loss_tokens_per_batch)  # see token_weighted_loss
+        if padding:
+            batch["loss_weight"] = torch.tensor(0.0)
         return batch
 
     def _replicas(self) -> dict[str, int]:
@@ -416,7 +422,7 @@ class InstructionDataModule(L.LightningDataModule):
         loss_tokens = sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in self.train_examples)
         self.loss_tokens_per_batch = loss_tokens / (len(batch_sampler) * batch_sampler.sampler.num_replicas)
         return TrainingDataLoader(
-            self.train_examples,
+            TrainingExamples(self.train_examples),
             batch_sampler=batch_sampler,
             num_workers=self.num_workers,
             collate_fn=self.collate_train,
@@ -441,30 +447,38 @@ class TrainingDataLoader(DataLoader):
     checkpoint and gives it back to :meth:`load_state_dict` before a resumed run iterates, which
     then continues with the batch after the last one trained on.
 
-    Its state is the epoch and the number of batches this loader handed out in it: Lightning does
-    not prefetch from a loader with a length, so that is the number trained on (workers may have
-    loaded more; those are not counted). Data loading draws nothing from the global RNG (the
-    loaders have generators of their own), so it cannot shift the dropout of a resumed run.
+    Its state is the epoch and the position in the epoch's list of batches (all ranks together):
+    the batches before it were handed out by some rank. Lightning does not prefetch from a loader
+    with a length, so they were trained on (workers may have loaded more; those are not counted).
+    The position does not depend on the number of ranks, so a run may resume on another number.
+    Data loading draws nothing from the global RNG (the loaders have generators of their own), so
+    it cannot shift the dropout of a resumed run.
     """
 
     _epoch: int | None = None
+    _start = 0
     _handed_out = 0
 
     @override
     def __iter__(self) -> Iterator[Any]:
         sampler = self.batch_sampler
-        self._epoch, self._handed_out = sampler.sampler.epoch, sampler.skip
+        self._epoch, self._start, self._handed_out = sampler.sampler.epoch, sampler.start, 0
         for batch in super().__iter__():
             self._handed_out += 1
             yield batch
 
     def state_dict(self) -> dict[str, int]:
+        sampler = self.batch_sampler
         if self._epoch is None:  # saved before this loader's first pass
-            return {"epoch": self.batch_sampler.sampler.epoch, "done": self.batch_sampler.skip}
-        return {"epoch": self._epoch, "done": self._handed_out}
+            return {"epoch": sampler.sampler.epoch, "position": sampler.start}
+        handed_out = self._start + self._handed_out * sampler.sampler.num_replicas
+        return {"epoch": self._epoch, "position": min(handed_out, len(sampler.epoch_batches(self._epoch)))}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.resume(int(state["epoch"]), int(state["done"]))
+        position = state.get("position")
+        if position is None:  # written before positions were shared by the ranks: this rank's count
+            position = int(state["done"]) * self.batch_sampler.sampler.num_replicas
+        self.batch_sampler.resume(int(state["epoch"]), int(position))
 
 
 # Validation batches on which a 4-bit run's drift report compares the loss of the export and of the

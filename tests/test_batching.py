@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch.utils.data.distributed import DistributedSampler
 
 from lightning_lora import InstructionDataModule, LoraFinetuneModule
-from lightning_lora.batching import PACKING_MODEL_TYPES, TrainingBatchSampler, count_tokens, padded
+from lightning_lora.batching import PACKING_MODEL_TYPES, PADDING_OFFSET, TrainingBatchSampler, count_tokens, padded
 
 IGNORE = -100
 WORDS = ["apple", "river", "stone", "cloud", "garden", "silver", "rocket", "window", "pencil", "forest", "candle", "ocean"]
@@ -132,12 +132,13 @@ def test_each_epoch_trains_every_example_once_in_a_new_reproducible_order(
 def test_ranks_get_disjoint_examples_covering_all_in_equally_many_batches(
     tmp_path: Path, llama_base: Path, replicas: int, kwargs: dict[str, Any]
 ) -> None:
-    rows = varied_rows(33)  # 9 batches of 4: not a multiple of the ranks, so a batch is split
+    rows = varied_rows(33)  # 9 batches of 4: not a multiple of the ranks, so a rank gets a padding batch
     dm = make_dm(tmp_path, llama_base, rows, **kwargs)
     for epoch in range(2):
         shares = [epoch_indices(dm, epoch, rank, replicas) for rank in range(replicas)]
         assert len({len(share) for share in shares}) == 1, [len(s) for s in shares]
-        seen = [i for share in shares for batch in share for i in batch]
+        trained = [batch for share in shares for batch in share if batch[0] < PADDING_OFFSET]
+        seen = [i for batch in trained for i in batch]
         assert sorted(seen) == list(range(len(rows)))  # disjoint and complete: nothing repeated or dropped
 
 
@@ -165,11 +166,16 @@ def test_sampler_shares_are_equal_disjoint_and_within_budget(
         shares.append(list(sampler))
         assert len(sampler) == len(shares[-1])
     assert len({len(share) for share in shares}) == 1
-    batches = [batch for share in shares for batch in share]
+    batches = [batch for share in shares for batch in share if batch[0] < PADDING_OFFSET]
+    padding = [batch for share in shares for batch in share if batch[0] >= PADDING_OFFSET]
+    assert len(padding) < replicas and all(share[-1] == p for share in shares for p in share if p in padding)
+    assert all([i - PADDING_OFFSET for i in p] in batches for p in padding)  # copies of real batches
     seen = sorted(i for batch in batches for i in batch)
-    if len(seen) != len(lengths):  # repeated only when no batch could be split, and fewer than one per rank
-        assert all(len(batch) == 1 for batch in batches) and len(seen) - len(lengths) < replicas
-    assert sorted(set(seen)) == list(range(len(lengths)))
+    assert seen == list(range(len(lengths)))  # each example once
+    # The epoch's list is the same at any number of ranks; the ranks take it in turn.
+    single = TrainingBatchSampler(DistributedSampler(lengths, num_replicas=1, rank=0), batch_size, lengths,
+                                  max_tokens=budget, group_by_length=group_by_length, seed=1, packed=packed)
+    assert single.epoch_batches(epoch) == [shares[k % replicas][k // replicas] for k in range(len(batches))]
     for batch in batches:
         assert batch
         if budget is None:
@@ -208,7 +214,7 @@ def test_random_token_budget_batches_are_within_budget_and_new_every_epoch(
     for epoch in range(3):
         shares = [epoch_indices(dm, epoch, rank, replicas) for rank in range(replicas)]
         assert len({len(share) for share in shares}) == 1
-        batches = [batch for share in shares for batch in share]
+        batches = [batch for share in shares for batch in share if batch[0] < PADDING_OFFSET]
         assert sorted(i for batch in batches for i in batch) == list(range(len(dm.train_examples)))
         for indices in batches:
             collated = dm.collate_train([dm.train_examples[i] for i in indices])

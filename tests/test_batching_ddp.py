@@ -51,3 +51,4 @@ def test_ddp_ranks_train_disjoint_examples_in_equally_many_packed_batches(
         assert trained == want  # each example once, on one rank
     assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # Lightning's set_epoch reached the sampler
     assert all(math.isfinite(loss) for rank in ranks for loss in rank["losses"])
+    assert all(loss == 0.0 for rank in ranks for loss in rank["padding_losses"])

@@ -29,6 +29,7 @@ class RecordBatches(L.Callback):
     def __init__(self) -> None:
         self.epochs: list[list[list[list[int]]]] = []
         self.losses: list[float] = []
+        self.padding_losses: list[float] = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epochs.append([])
@@ -38,6 +39,9 @@ class RecordBatches(L.Callback):
         for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist()):
             starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
             examples += [ids[a:b] for a, b in itertools.pairwise(starts) if b - a >= 2]  # padding: single zeros
+        if "loss_weight" in batch:  # a padding batch: trains nothing (its loss is multiplied by 0)
+            self.padding_losses.append(float(outputs["loss"]))
+            examples = []
         self.epochs[-1].append(examples)
         self.losses.append(float(outputs["loss"]))
 
@@ -64,7 +68,8 @@ def main() -> None:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[record], default_root_dir=str(out))
     trainer.fit(module, datamodule=data)
-    result = {"epochs": record.epochs, "losses": record.losses, "num_examples": len(data.train_examples)}
+    result = {"epochs": record.epochs, "losses": record.losses, "num_examples": len(data.train_examples),
+              "padding_losses": record.padding_losses}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     # Leave the process group before exiting: exiting with gloo's threads alive can abort the process.
     torch.distributed.barrier()
