@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_lora.dtypes import IGNORE_INDEX, canonical_dtype, parse_dtype
+from lightning_lora.elastic import check_elastic_optimizer, install_elastic_resume
+from lightning_lora.export.bias_slots import plan_bias_slots
 from lightning_lora.export.checkpoint import CHECKPOINT_KEY, config_to_dict
 from lightning_lora.export.inits import rewrites_base
 from lightning_lora.export.quantized import (
@@ -60,6 +63,10 @@ class LoraFinetuneModule(L.LightningModule):
         init_lora_weights: ``True`` (PEFT default), ``False``, ``"gaussian"``, ``"olora"``,
             ``"pissa"``, ``"pissa_niter_N"``, or another PEFT initialisation by name.
         bias: which biases to train: ``"none"``, ``"all"`` or ``"lora_only"``.
+        lora_bias: give each ``lora_B`` a trained bias (PEFT's ``lora_bias``), merged into the layer's
+            bias. A layer without one gets it in the merged model where its config has a switch for
+            it (Llama's ``attention_bias``, ``mlp_bias``); where none exists (Qwen2's ``o_proj``,
+            Phi-3) only the adapter can be exported, which fit start says in one line.
         dtype: dtype the base weights are loaded in: ``fp32``, ``bf16``, ``fp16`` (torch's names
             too), or ``auto`` (the checkpoint's).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -113,6 +120,7 @@ class LoraFinetuneModule(L.LightningModule):
         use_dora: bool = False,
         init_lora_weights: bool | str = True,
         bias: Literal["none", "all", "lora_only"] = "none",
+        lora_bias: bool = False,
         dtype: str = "fp32",
         gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable | None = None,
@@ -137,6 +145,7 @@ class LoraFinetuneModule(L.LightningModule):
             raise ValueError(f"model.lora_dropout={lora_dropout!r} must be in [0, 1)")
         if bias not in _BIAS:
             raise ValueError(f"model.bias={bias!r} is not one of {list(_BIAS)}")
+        _check_lora_bias(lora_bias, use_dora, init_lora_weights)
         dtype = canonical_dtype(dtype, "model.dtype")
         if isinstance(init_lora_weights, str) and not (
             init_lora_weights in _INITS or re.fullmatch(r"pissa_niter_\d+", init_lora_weights)
@@ -167,6 +176,7 @@ class LoraFinetuneModule(L.LightningModule):
             use_dora=use_dora,
             init_lora_weights=init_lora_weights,
             bias=bias,
+            lora_bias=lora_bias,
         )
         self.dtype_name = dtype
         self.gradient_checkpointing = gradient_checkpointing
@@ -204,6 +214,8 @@ class LoraFinetuneModule(L.LightningModule):
             import_model_classes(resolve_model_path(self.model_name_or_path))
         except OSError:
             pass  # configure_model reports a base that cannot be loaded, naming the setting
+        if stage == "fit":
+            install_elastic_resume(self)  # a checkpoint of another number of ranks or strategy resumes too
 
     @override
     def configure_model(self) -> None:
@@ -270,6 +282,12 @@ class LoraFinetuneModule(L.LightningModule):
                 checkpoint[CHECKPOINT_KEY]["quantization"] = quantization
         if self._trainer is not None:
             checkpoint[RNG_KEY] = gather_rng_states()  # every rank saves: a collective
+            # What an elastic resume needs to rebuild the optimizer and the global batch (elastic.py).
+            checkpoint[CHECKPOINT_KEY].update(
+                world_size=self.trainer.world_size,
+                accumulate_grad_batches=self.trainer.accumulate_grad_batches,
+                trainable=[name for name, param in self.named_parameters() if param.requires_grad],
+            )
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -278,6 +296,10 @@ class LoraFinetuneModule(L.LightningModule):
         # Given back at the first training batch; a run resumed on another number of ranks draws anew.
         self._rng_to_restore = states[rank] if len(states) == (self.trainer.world_size if self._trainer else 1) else None
         self._restore_quantized(checkpoint)
+
+    @override
+    def on_train_start(self) -> None:
+        check_elastic_optimizer(self)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -446,6 +468,7 @@ class LoraFinetuneModule(L.LightningModule):
     def on_fit_start(self) -> None:
         restore_class_decorators()  # classes created inside deepspeed.zero.Init after all
         self._check_vocabulary()
+        self._plan_lora_bias()
         # Under ZeRO-3 a partitioned parameter reports numel() == 0; ds_numel is its full size.
         def count(p: torch.Tensor) -> int:
             return getattr(p, "ds_numel", p.numel())
@@ -455,6 +478,21 @@ class LoraFinetuneModule(L.LightningModule):
         rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
         if self.logger is not None:
             self.logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+
+    def _plan_lora_bias(self) -> None:
+        """With lora_bias, say at step 0 what the merged model will be (HFExport says it when it is there)."""
+        from lightning_lora.callbacks.hf_export import HFExport
+
+        if not self.lora_settings["lora_bias"] or any(isinstance(c, HFExport) for c in self.trainer.callbacks):
+            return
+        slots = plan_bias_slots(self.model)
+        if slots.problem is not None:
+            rank_zero_warn(f"LoraFinetuneModule: {slots.problem}; export this run with "
+                           "`lightning-lora export --no-merge`")
+        elif slots.switches:
+            switched = ", ".join(f"{name}=true" for name in slots.switches)
+            rank_zero_info(f"model.lora_bias=True: the merged model will set {switched}, "
+                           "with zero biases where no lora bias lands")
 
     def _check_vocabulary(self) -> None:
         """Fail before the first step if the data's tokenizer has ids the model has no embedding for
@@ -474,9 +512,22 @@ class LoraFinetuneModule(L.LightningModule):
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # A padding batch (loss_weight 0) keeps the ranks in step at the end of an epoch: it trains nothing.
+        weight = batch.get("loss_weight")
+        if weight is not None:
+            batch = {key: value for key, value in batch.items() if key != "loss_weight"}
         loss = self.training_kernels.loss(self.model, batch)
+        if weight is not None:
+            loss = loss * weight
         self.log("train_loss", loss, prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate > 1 and self._deepspeed_strategy() is not None:
+            # Lightning divides the returned loss by accumulate_grad_batches, and DeepSpeed's backward
+            # divides it by its gradient_accumulation_steps (the same number) again: undo one, so that
+            # the gradient is the global batch's mean under DeepSpeed as under DDP (which matters to
+            # Adam's moments when a run resumes with another accumulation, and to gradient clipping).
+            loss = loss * accumulate
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], loss_metric: MeanMetric, accuracy_metric: MeanMetric) -> None:
@@ -525,21 +576,40 @@ class LoraFinetuneModule(L.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
         else:
             optimizer = self.optimizer_factory(params)
-        total = max(1, self.trainer.estimated_stepping_batches)
-        schedule = _warmup_cosine(self.warmup_steps, int(total), self.min_lr_ratio, self.lr_schedule == "cosine")
+        # The schedule's length is read when it is first needed, after warmup: asking Lightning for
+        # it here builds the training loader before a resumed run's checkpoint is restored, and
+        # Lightning then never gives that loader its saved position (Lightning issue #20550).
+        trainer = self.trainer
+        schedule = _warmup_cosine(self.warmup_steps, lambda: int(max(1, trainer.estimated_stepping_batches)),
+                                  self.min_lr_ratio, self.lr_schedule == "cosine")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _warmup_cosine(warmup: int, total: int, min_ratio: float, cosine: bool) -> Any:
-    """The LR multiplier at each step: linear warmup, then cosine decay (or constant)."""
+def _check_lora_bias(lora_bias: Any, use_dora: bool, init_lora_weights: bool | str) -> None:
+    """PEFT's own limits on lora_bias, named by this module's settings before anything is loaded."""
+    if not isinstance(lora_bias, bool):
+        raise ValueError(f"model.lora_bias={lora_bias!r} must be true or false")
+    if lora_bias and use_dora:
+        raise ValueError("model.lora_bias=True cannot be combined with model.use_dora=True "
+                         "(PEFT has no lora bias for DoRA)")
+    if lora_bias and not isinstance(init_lora_weights, bool):
+        raise ValueError(f"model.lora_bias=True needs model.init_lora_weights true or false, not {init_lora_weights!r}")
+
+
+def _warmup_cosine(warmup: int, total: Callable[[], int], min_ratio: float, cosine: bool) -> Any:
+    """The LR multiplier at each step: linear warmup, then cosine decay (or constant). ``total``
+    (the number of steps) is called once, at the first step past the warmup."""
+    steps: list[int] = []
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        if not cosine:
+        if not cosine or step == warmup:
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if not steps:
+            steps.append(total())
+        progress = min(1.0, (step - warmup) / max(1, steps[0] - warmup))
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

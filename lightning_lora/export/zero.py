@@ -24,17 +24,21 @@ from lightning_lora.export.recorded import CLIENT_NEEDED
 from lightning_lora.export.unpickle import load_torch_file
 
 __all__ = [
+    "ENGINE_KEYS",
+    "OPTIM_STATES",
     "ZeroCheckpointError",
     "ZeroFrozenTensors",
     "check_rank_files",
+    "check_readable",
     "is_zero_checkpoint",
     "read_model_states",
     "read_zero_checkpoint",
     "resolve_zero_tag",
+    "zero_to_fp32_reading",
 ]
 
 _MODEL_STATES = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
-_OPTIM_STATES = re.compile(r"(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+OPTIM_STATES = re.compile(r"(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
 class ZeroCheckpointError(ExportError):
@@ -89,7 +93,7 @@ _OPTIM_NEEDED = [("optimizer_state_dict", key) for key in (
 
 def _load(path: Path, report: bool = True) -> dict[str, Any]:
     """A rank file through the restricted loader, memory-mapped: only the tensors touched are paged in."""
-    needed = _OPTIM_NEEDED if _OPTIM_STATES.search(path.name) else _MODEL_NEEDED
+    needed = _OPTIM_NEEDED if OPTIM_STATES.search(path.name) else _MODEL_NEEDED
     try:
         return load_torch_file(path, needed=needed, report=report)
     except (ExportError, OSError):
@@ -105,7 +109,7 @@ def check_rank_files(tag_dir: Path, states: dict[str, Any]) -> int:
     if not isinstance(world_size, int) or world_size < 1 or not isinstance(stage, int):
         raise ZeroCheckpointError(f"{str(tag_dir)!r}: its model states record dp_world_size={world_size!r} and ZeRO "
                                   f"stage {stage!r}: not a DeepSpeed checkpoint's")
-    optim_ranks = {int(m.group(1)) for p in tag_dir.iterdir() if (m := _OPTIM_STATES.search(p.name))}
+    optim_ranks = {int(m.group(1)) for p in tag_dir.iterdir() if (m := OPTIM_STATES.search(p.name))}
     missing = _missing(world_size, optim_ranks)
     if stage == 3:
         model_ranks = {int(m.group(1)) for p in tag_dir.iterdir() if (m := _MODEL_STATES.search(p.name)) and m.group(1)}
@@ -132,13 +136,13 @@ def _missing(world_size: int, present: set[int], limit: int = 16) -> set[int]:
     return missing
 
 
-def _check_readable(tag_dir: Path) -> None:
+def check_readable(tag_dir: Path) -> None:
     """Name a truncated or corrupt rank file before DeepSpeed fails on it with no file name.
 
     torch saves zip archives whose directory sits at the end: a truncated file has none.
     """
     for path in sorted(tag_dir.iterdir()):
-        if (_MODEL_STATES.search(path.name) or _OPTIM_STATES.search(path.name)) and not zipfile.is_zipfile(path):
+        if (_MODEL_STATES.search(path.name) or OPTIM_STATES.search(path.name)) and not zipfile.is_zipfile(path):
             raise ZeroCheckpointError(
                 f"{str(path)!r} is truncated or corrupt ({path.stat().st_size} bytes); the checkpoint cannot be "
                 "read (was it still being written or copied?)"
@@ -156,7 +160,7 @@ def _model_states_files(tag_dir: Path) -> list[Path]:
 
 
 class _TorchReadingWith(types.ModuleType):
-    """``torch`` as zero_to_fp32 sees it in :func:`_zero_to_fp32_reading`: ``load`` is ours."""
+    """``torch`` as zero_to_fp32 sees it in :func:`zero_to_fp32_reading`: ``load`` is ours."""
 
     def __init__(self, load: Callable[..., Any]) -> None:
         super().__init__("torch")
@@ -166,7 +170,7 @@ class _TorchReadingWith(types.ModuleType):
         return getattr(torch, name)
 
 
-def _zero_to_fp32_reading(load: Callable[..., Any]) -> Callable[..., dict[str, torch.Tensor]]:
+def zero_to_fp32_reading(load: Callable[..., Any]) -> Callable[..., dict[str, torch.Tensor]]:
     """DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` reading every file with ``load``.
 
     zero_to_fp32 reads each rank file with ``torch.load(..., weights_only=False)``, through its
@@ -196,7 +200,7 @@ def read_zero_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], ZeroFr
     """
     from deepspeed.utils import zero_to_fp32
 
-    _check_readable(tag_dir)
+    check_readable(tag_dir)
     states = read_model_states(tag_dir)
     check_rank_files(tag_dir, states)
     kwargs: dict[str, Any] = {"tag": tag_dir.name}
@@ -213,7 +217,7 @@ def read_zero_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], ZeroFr
         return states
 
     try:
-        tensors = _zero_to_fp32_reading(load)(str(tag_dir.parent), **kwargs)
+        tensors = zero_to_fp32_reading(load)(str(tag_dir.parent), **kwargs)
     except ExportError:
         raise
     except (FileNotFoundError, ValueError, RuntimeError, EOFError, KeyError) as err:
@@ -221,7 +225,7 @@ def read_zero_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], ZeroFr
     # Owned copies: the values may be views into memory-mapped checkpoint files.
     tensors = {key: value.contiguous().clone() for key, value in tensors.items()}
     frozen = ZeroFrozenTensors(tag_dir, states, trained=set(tensors))
-    client_state = {key: value for key, value in states.items() if key not in _ENGINE_KEYS}
+    client_state = {key: value for key, value in states.items() if key not in ENGINE_KEYS}
     return tensors, frozen, client_state
 
 
@@ -305,7 +309,7 @@ class ZeroFrozenTensors(Mapping[str, torch.Tensor]):
 
 
 # What DeepSpeed itself stores in the model states; the rest is Lightning's client state.
-_ENGINE_KEYS = frozenset({
+ENGINE_KEYS = frozenset({
     "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
     "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
     "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",

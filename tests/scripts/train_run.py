@@ -206,6 +206,22 @@ def parse() -> argparse.Namespace:
                         help="ModelCheckpoint(every_n_train_steps=N, save_top_k=-1) into OUT/checkpoints")
     parser.add_argument("--log-losses", action="store_true", help="write OUT/losses-rankR.pt: each step's loss")
     parser.add_argument("--pg-timeout", type=float, default=None, help="process-group timeout in seconds")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop after this global step, as a preempted run would (--steps stays the planned total)")
+    parser.add_argument("--rows", type=int, default=64, help="training rows (before the 1/8 validation split)")
+    parser.add_argument("--accumulate", type=int, default=1, help="Trainer(accumulate_grad_batches=...)")
+    parser.add_argument("--dump-state", action="store_true",
+                        help="write OUT/{start,end}_state.pt (weights, Adam moments, step, as the optimizer holds "
+                             "them: DeepSpeed's own safe_get_full_* under DeepSpeed) and OUT/steps-rankR.pt (each "
+                             "step's micro-batches as token ids, padding batches left out, and the lr)")
+    parser.add_argument("--keep-checkpoints", choices=["complete", "plain"], default=None,
+                        help="CompleteCheckpoint (or Lightning's ModelCheckpoint) into OUT/checkpoints: every step, the "
+                        "newest 2 by step, save_last=True; --resume-from auto|last is then resolved by resolve_ckpt_path")
+    parser.add_argument("--preemption", action="store_true", help="add the Preemption callback")
+    parser.add_argument("--signal-at", default=None, help="STEP:RANK:SIGNAL: global rank RANK sends itself SIGNAL "
+                        "when the batch after global_step STEP starts")
+    parser.add_argument("--kill-in-save", default=None, help="STEP:TEXT: global rank 0 sends itself SIGKILL right after "
+                        "torch.save wrote a file whose path holds TEXT while global_step is STEP")
     return parser.parse_args()
 
 
@@ -260,7 +276,7 @@ def main() -> None:
         # The launching process writes; the ranks Lightning starts read. Processes started by an
         # outside launcher (torchrun, one per node) each write the same rows, atomically.
         out.mkdir(parents=True, exist_ok=True)
-        rows = quickstart_rows("train")[:64]
+        rows = quickstart_rows("train")[:args.rows]
         if added:  # the new tokens appear in the answers, so their embeddings are trained
             rows = [{**row, "output": f"{row['output']} {added[i % len(added)]}"} for i, row in enumerate(rows)]
         tmp = data_file.with_name(f".train-{os.getpid()}.jsonl")
@@ -286,20 +302,33 @@ def main() -> None:
                                             every_n_train_steps=1, save_last=False))
     if args.record:
         callbacks.append(RecordStart(out / "start.pt"))
+    callbacks += _preemption_callbacks(args, out)
     if args.checkpoint_every:
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=args.checkpoint_every,
                                          save_top_k=-1, filename="{step}"))
     losses = RecordLosses()
     if args.log_losses:
         callbacks.append(losses)
+    if args.dump_state:
+        callbacks.append(DumpState(out))
+    if args.stop_at is not None:
+        callbacks.append(StopAt(args.stop_at))
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
-        max_steps=args.steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=args.top_k_checkpoints or bool(args.checkpoint_every), enable_progress_bar=False,
+        max_steps=args.steps, limit_val_batches=1, accumulate_grad_batches=args.accumulate, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=args.top_k_checkpoints or bool(args.checkpoint_every) or bool(args.keep_checkpoints),
+        enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks, default_root_dir=str(out),
     )
-    trainer.fit(module, datamodule=data, ckpt_path=args.resume_from)
+    ckpt_path = args.resume_from
+    if args.keep_checkpoints and ckpt_path in ("auto", "last"):
+        from lightning_lora import resolve_ckpt_path
+
+        ckpt_path = resolve_ckpt_path(trainer, ckpt_path)
+        if trainer.is_global_zero:
+            (out / "resumed_from.txt").write_text(str(ckpt_path))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     if args.log_losses:
         torch.save(losses.losses, out / f"losses-rank{trainer.global_rank}.pt")
     trainer.save_checkpoint(out / "ckpt")
@@ -340,7 +369,140 @@ class RecordStart(L.Callback):
             torch.save(start, self.path)
 
 
+class StopAt(L.Callback):
+    """End fit after global step ``step`` (after ModelCheckpoint, listed before it, saved that step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class DumpState(L.Callback):
+    """What the optimizer holds when training starts (after a resume) and ends, and what each step trained."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.steps: list[dict] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._dump(trainer, pl_module, "start_state.pt")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._dump(trainer, pl_module, "end_state.pt")
+        torch.save(self.steps, self.out / f"steps-rank{trainer.global_rank}.pt")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        rows = [] if "loss_weight" in batch else _example_ids(batch)
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.steps.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "rows": rows, "lr": lr})
+
+    def _dump(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> None:
+        state: dict = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}, "global_step": trainer.global_step}
+        deepspeed_run = isinstance(trainer.strategy, CPUDeepSpeedStrategy)
+        for key, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if deepspeed_run:  # DeepSpeed's own gathering (a collective under ZeRO-3)
+                from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+                state["weights"][key] = safe_get_full_fp32_param(param).cpu().clone()
+                started = bool(trainer.strategy.deepspeed_engine.optimizer.optimizer.state)  # none before a first step
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    state[moment][key] = safe_get_full_optimizer_state(param, moment).cpu().clone() if started else None
+            else:
+                slot = trainer.optimizers[0].state[param]
+                state["weights"][key] = param.detach().float().cpu().clone()
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    state[moment][key] = slot[moment].cpu().clone() if slot else None
+        inner = trainer.strategy.deepspeed_engine.optimizer.optimizer if deepspeed_run else trainer.optimizers[0]
+        state["steps"] = sorted({int(slot["step"]) for slot in inner.state.values() if "step" in slot})
+        if trainer.is_global_zero:
+            torch.save(state, self.out / name)
+
+
+def _example_ids(batch: dict) -> list[tuple[int, ...]]:
+    """The token ids of each example of a padded or packed batch (a packed row's examples restart
+    their position ids at 0; padding is single zeros)."""
+    if "position_ids" not in batch:
+        return [tuple(row[mask.bool()].tolist()) for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    examples = []
+    for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist()):
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        examples += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:]) if b - a >= 2]
+    return examples
+
+
 SCORES = (5, 1, 3, 2)
+
+
+def _preemption_callbacks(args: argparse.Namespace, out: Path) -> list[L.Callback]:
+    """--keep-checkpoints, --preemption, --signal-at and --kill-in-save (tests/test_preemption.py)."""
+    from lightning_lora.callbacks import CompleteCheckpoint, Preemption
+
+    used = args.keep_checkpoints or args.preemption or args.signal_at or args.kill_in_save
+    callbacks: list[L.Callback] = [RecordStop(out)] if used else []
+    if args.keep_checkpoints:
+        kind = CompleteCheckpoint if args.keep_checkpoints == "complete" else ModelCheckpoint
+        callbacks.append(kind(dirpath=out / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=2,
+                              monitor="step", mode="max", save_last=True))
+    if args.preemption:
+        callbacks.append(Preemption())
+    if args.signal_at:
+        step, rank, name = args.signal_at.split(":")
+        callbacks.append(SendSignal(int(step), int(rank), name))
+    if args.kill_in_save:
+        step, text = args.kill_in_save.split(":", 1)
+        callbacks.append(KillInSave(int(step), text))
+    return callbacks
+
+
+class RecordStop(L.Callback):
+    """OUT/stopped-rankR.json when fit ends in an exception: its type, exit code and global step."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        stop = {"type": type(exception).__name__, "code": getattr(exception, "code", None), "global_step": trainer.global_step}
+        (self.out / f"stopped-rank{trainer.global_rank}.json").write_text(json.dumps(stop))
+
+
+class SendSignal(L.Callback):
+    """Global rank ``rank`` sends itself a real signal when the batch after ``step`` starts."""
+
+    def __init__(self, step: int, rank: int, name: str) -> None:
+        self.step, self.rank, self.name, self.sent = step, rank, name, False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank and not self.sent:
+            import signal
+
+            self.sent = True
+            os.kill(os.getpid(), signal.Signals[self.name])
+
+
+class KillInSave(L.Callback):
+    """Global rank 0 dies by SIGKILL right after torch.save wrote a file whose path holds ``text``
+    at global step ``step``: a real kill in the middle of a real save."""
+
+    def __init__(self, step: int, text: str) -> None:
+        self.step, self.text = step, text
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import signal
+
+        save = torch.save
+
+        def save_then_die(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+            result = save(obj, f, *args, **kwargs)
+            if trainer.global_rank == 0 and trainer.global_step == self.step and self.text in str(f):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        torch.save = save_then_die
 
 
 def _inject_oserror() -> None:
@@ -411,7 +573,12 @@ def _gather_trained(trainer: L.Trainer, module: L.LightningModule) -> dict[str, 
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:  # Preemption's: leave with its code, skipping the teardown (see below)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code if isinstance(stop.code, int) else 1)
     # Everything is on disk now. Skip the interpreter's teardown: with gloo's (and, under torchrun,
     # the rendezvous store's) C++ threads alive it aborts now and then after the work is done
     # ("terminate called without an active exception", exit -6), seen with ZeRO-1 and two torchrun

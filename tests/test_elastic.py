@@ -1,0 +1,198 @@
+"""Elastic resume: a run stopped on N ranks resumes on M ranks, or under another strategy, with no
+conversion step (lightning_lora/elastic.py).
+
+Each test is a chain of real runs (``tests/scripts/train_run.py``, ``lora_dropout=0``), each resuming
+the previous one's checkpoint under another layout, two optimizer steps per link. It checks:
+
+- what the resumed optimizer holds when training starts (weights, ``exp_avg``, ``exp_avg_sq``, step:
+  DeepSpeed's own ``safe_get_full_*`` gathering under DeepSpeed, the torch optimizer's state
+  otherwise) is ``torch.equal`` to what the previous link held when it stopped;
+- the micro-batches of every optimizer step, all ranks together, are exactly the next ones of the
+  epoch's list of batches, rebuilt here by a one-rank sampler from the same file: no example trained
+  twice or skipped across a switch, epoch boundaries included;
+- the chain's final weights equal a single-process run that takes the same global batches (one rank,
+  accumulating all of them) from the start, within ``_TOLERANCE`` (see there).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from conftest import run_train_script
+
+from lightning_lora import InstructionDataModule, LoraFinetuneModule
+from lightning_lora.elastic import Layout, _accumulation, read_resume_state
+
+Z = ["--strategy", "deepspeed"]
+# Chains of layouts, each with its accumulation: the global batch (ranks x accumulation) stays.
+CHAINS = {
+    # ZeRO-1 2 -> 1, ZeRO-1 -> ZeRO-2, ZeRO-2 -> DDP, DDP -> one device; 14 batches an epoch, 2 a step.
+    "zero1-zero2-ddp-single": (64, 2, [
+        [*Z, "--stage", "1", "--devices", "2"],
+        [*Z, "--stage", "1", "--devices", "1"],
+        [*Z, "--stage", "2", "--devices", "2"],
+        ["--strategy", "ddp", "--devices", "2"],
+        ["--strategy", "single"],
+    ]),
+    # ZeRO-3 2 -> 3 (from exclude_frozen_parameters) -> 2; 12 batches an epoch, 6 a step.
+    "zero3-2-3-2": (55, 6, [
+        [*Z, "--stage", "3", "--devices", "2", "--exclude-frozen"],
+        [*Z, "--stage", "3", "--devices", "3"],
+        [*Z, "--stage", "3", "--devices", "2"],
+    ]),
+}
+STEPS_PER_LINK = 2
+# The chain and the one-process reference add the same micro-batch gradients in another order
+# (all-reduce across ranks vs accumulation), so their sums differ by rounding only: at most
+# G * 2^-24 of the gradient's size per step for G micro-batches. Adam's normalised update turns
+# that into at most lr * G * 2^-24 per step, and its momentum carries each step's error on for
+# about 1 / (1 - beta1) = 10 steps; over S steps, with margin 4:
+#   |w_chain - w_ref| <= 4 * 10 * S * lr * G * 2^-24 * max|w|  (S=6, G=6, lr=1e-2: 8.6e-7 * max|w|,
+# within the 1e-5 relative asked for). Checked against the largest weight, as the formula states:
+# element-wise, Adam's m / sqrt(v) amplifies a rounding difference where v is tiny.
+
+
+def _tolerance(steps: int, global_batch: int, lr: float = 1e-2) -> float:
+    return 4 * 10 * steps * lr * global_batch * 2.0**-24
+
+
+def _run_link(name: str, base: Path, out: Path, layout: list[str], rows: int, global_batch: int, total: int,
+              stop_at: int, resume: Path | None) -> None:
+    """One run of the chain: planned for ``total`` steps, stopped (as if preempted) after ``stop_at``."""
+    ranks = 1 if "single" in layout else int(layout[layout.index("--devices") + 1])
+    args = [*layout, "--rows", str(rows), "--accumulate", str(global_batch // ranks), "--dump-state",
+            "--steps", str(total), "--stop-at", str(stop_at), "--checkpoint-every", str(STEPS_PER_LINK)]
+    if resume is not None:
+        args += ["--resume-from", str(resume)]
+    run_train_script(name, base, out, args)
+
+
+def _checkpoint(out: Path, step: int) -> Path:
+    """The checkpoint ModelCheckpoint wrote at ``step``, as a preempted run leaves it."""
+    return out / "checkpoints" / f"step={step}.ckpt"
+
+
+def _expected_batches(out: Path, base: Path, epochs: int) -> list[list[tuple[int, ...]]]:
+    """Every micro-batch of the first ``epochs`` epochs in training order, as lists of token rows."""
+    data = InstructionDataModule(str(out / "train.jsonl"), tokenizer=str(base), batch_size=4, val_split=0.125,
+                                 template="human_assistant", max_length=64)
+    data.setup("fit")
+    sampler = data.train_dataloader().batch_sampler  # no trainer: one rank
+    rows = [tuple(e["input_ids"]) for e in data.train_examples]
+    return [[rows[i] for i in batch] for epoch in range(epochs) for batch in sampler.epoch_batches(epoch)]
+
+
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_a_run_resumed_on_other_ranks_and_strategies_continues_exactly(
+    tmp_path: Path, tiny_bases: dict[str, Path], chain: str
+) -> None:
+    rows, global_batch, links = CHAINS[chain]
+    base = tiny_bases["llama"]
+    total = STEPS_PER_LINK * len(links)
+    outs = []
+    for i, layout in enumerate(links):
+        resume = _checkpoint(outs[-1], STEPS_PER_LINK * i) if outs else None
+        outs.append(tmp_path / f"link{i}")
+        _run_link(f"link {i}", base, outs[-1], layout, rows, global_batch, total, STEPS_PER_LINK * (i + 1), resume)
+
+    # 1. Every link starts with exactly what the previous one held when it stopped.
+    for before, after in itertools.pairwise(outs):
+        end, start = torch.load(before / "end_state.pt"), torch.load(after / "start_state.pt")
+        assert start["global_step"] == end["global_step"] and start["steps"] == end["steps"] == [end["global_step"]]
+        for kind in ("weights", "exp_avg", "exp_avg_sq"):
+            assert end[kind].keys() == start[kind].keys()
+            for key in end[kind]:
+                assert torch.equal(end[kind][key], start[kind][key]), (after.name, kind, key)
+
+    # 2. Each optimizer step trained exactly the next global batch of the epoch's list.
+    total_steps = total
+    trained: dict[int, list[tuple]] = {}
+    for out in outs:
+        for path in out.glob("steps-rank*.pt"):
+            for record in torch.load(path):
+                trained.setdefault(record["step"], []).extend(record["rows"])
+    per_epoch = len(_expected_batches(outs[0], base, 1))
+    expected = _expected_batches(outs[0], base, -(-total_steps * global_batch // per_epoch))
+    assert sorted(trained) == list(range(total_steps))
+    for step in range(total_steps):
+        want = expected[step * global_batch:(step + 1) * global_batch]
+        # The same examples as often (the data may hold a row twice): none trained twice or skipped.
+        assert Counter(trained[step]) == Counter(row for batch in want for row in batch), step
+
+    # 3. The chain ends where one process ends that takes the same global batches from the state
+    #    the first link stopped with (restored exactly, as 1. shows for every switch).
+    reference = tmp_path / "reference"
+    _run_link("reference", base, reference, ["--strategy", "single"], rows, global_batch, total, total,
+              _checkpoint(outs[0], STEPS_PER_LINK))
+    final, want = torch.load(outs[-1] / "end_state.pt")["weights"], torch.load(reference / "end_state.pt")["weights"]
+    bound = _tolerance(total_steps, global_batch)
+    for key in want:
+        scale = want[key].abs().max().item()
+        assert (final[key] - want[key]).abs().max().item() <= bound * scale, (key, bound)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+def _resume_on_one_device(run: Path, base: Path, optimizer: Any, accumulate: int = 1) -> None:
+    """Resume the two-process DDP run's final checkpoint in this process, on one device."""
+    data = InstructionDataModule(str(run / "train.jsonl"), tokenizer=str(base), batch_size=4, val_split=0.125,
+                                 template="human_assistant", max_length=64)
+    module = LoraFinetuneModule(str(base), r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                optimizer=optimizer)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=str(run / "resumed"))
+    trainer.fit(module, datamodule=data, ckpt_path=str(run / "ckpt"))
+
+
+def test_an_accumulation_that_changes_the_global_batch_is_refused_naming_the_numbers(trained_runs) -> None:
+    run, base = trained_runs("ddp-fp32")  # 2 ranks x accumulation 1: a global batch of 2 micro-batches
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=3 would change the global batch .* from 2 to 3 "
+                                         r"micro-batches: leave it unset \(it becomes 2\) or set it to 2"):
+        _resume_on_one_device(run, base, lambda p: torch.optim.AdamW(p, lr=1e-2), accumulate=3)
+
+
+def test_a_global_batch_the_new_ranks_cannot_share_is_refused(trained_runs) -> None:
+    run, _ = trained_runs("ddp-fp32")
+    state = read_resume_state(run / "ckpt")
+    assert state.layout == Layout("file", 2) and state.global_batch == 2
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    with pytest.raises(ValueError, match=r"global batch of 2 micro-batches \(2 ranks x accumulate_grad_batches=1\), "
+                                         r"which 3 ranks cannot share evenly"):
+        _accumulation(trainer, state, Layout("deepspeed", 3, 3), run / "ckpt")
+
+
+def test_an_optimizer_other_than_adam_is_refused_before_the_first_step(trained_runs) -> None:
+    run, base = trained_runs("ddp-fp32")
+    with pytest.raises(ValueError, match=r"the optimizer is SGD .* only Adam and AdamW"):
+        _resume_on_one_device(run, base, lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9))
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_by_the_reader(tmp_path: Path, trained_runs) -> None:
+    run, _ = trained_runs("ddp-fp32")
+    checkpoint = torch.load(run / "ckpt", weights_only=False)
+    for slot in checkpoint["optimizer_states"][0]["state"].values():
+        slot["momentum_buffer"] = slot.pop("exp_avg")  # what SGD with momentum keeps
+    torch.save(checkpoint, tmp_path / "sgd.ckpt")
+    with pytest.raises(ValueError, match=r"not Adam's .* only Adam and AdamW \(without amsgrad\)"):
+        read_resume_state(tmp_path / "sgd.ckpt")
+
+
+def test_a_checkpoint_of_other_lora_targets_is_refused_naming_a_tensor(trained_runs) -> None:
+    run, base = trained_runs("ddp-fp32")  # trained q_proj and v_proj
+    data = InstructionDataModule(str(run / "train.jsonl"), tokenizer=str(base), batch_size=4, val_split=0.125,
+                                 template="human_assistant", max_length=64)
+    module = LoraFinetuneModule(str(base), r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"])
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(run / "resumed"))
+    with pytest.raises(ValueError, match=r"the trained tensor '.*v_proj.lora_A.default.weight' is only the "
+                                         r"checkpoint's .*not a checkpoint of this run's LoRA settings"):
+        trainer.fit(module, datamodule=data, ckpt_path=str(run / "ckpt"))
