@@ -214,7 +214,7 @@ class LoraFinetuneModule(L.LightningModule):
             import_model_classes(resolve_model_path(self.model_name_or_path))
         except OSError:
             pass  # configure_model reports a base that cannot be loaded, naming the setting
-        if stage == "fit":
+        if stage == "fit" and self._trainer is not None:
             install_elastic_resume(self)  # a checkpoint of another number of ranks or strategy resumes too
 
     @override

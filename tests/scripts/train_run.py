@@ -208,6 +208,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--pg-timeout", type=float, default=None, help="process-group timeout in seconds")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="stop after this global step, as a preempted run would (--steps stays the planned total)")
+    parser.add_argument("--seed", type=int, default=None, help="seed_everything(SEED) first (the LoRA init repeats)")
     parser.add_argument("--rows", type=int, default=64, help="training rows (before the 1/8 validation split)")
     parser.add_argument("--accumulate", type=int, default=1, help="Trainer(accumulate_grad_batches=...)")
     parser.add_argument("--dump-state", action="store_true",
@@ -240,6 +241,8 @@ class RecordLosses(L.Callback):
 def main() -> None:
     args = parse()
     cpu_deepspeed_env()
+    if args.seed is not None:
+        L.seed_everything(args.seed)
     out = Path(args.out)
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     added = args.added_tokens.split(",") if args.added_tokens else []
