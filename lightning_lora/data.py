@@ -162,7 +162,10 @@ class InstructionDataModule(L.LightningDataModule):
             length train worse than random ones (measured on benchmarks/train_throughput.py: 9-25 %
             higher held-out loss after the same steps), and packing removes the padding without
             changing the batches. Every rank gets the same number of batches of disjoint examples
-            either way. Validation batches keep the file order.
+            either way: an epoch's batches are dealt to the ranks in turn, and a rank left short in
+            the last round gets a padding batch marked ``batch["loss_weight"] = 0`` (a tensor).
+            ``LoraFinetuneModule`` multiplies its loss by it; a LightningModule of your own should
+            too (``loss * batch.pop("loss_weight", 1)``). Validation batches keep the file order.
         max_tokens_per_batch: a token budget per batch and device instead of ``batch_size``: each
             training batch takes examples in turn, random ones or, with ``group_by_length``,
             ascending lengths, while they fit in this many tokens. A packed batch (``packing``)
@@ -172,9 +175,8 @@ class InstructionDataModule(L.LightningDataModule):
             batches hold much padding: pack or group them). Must be at least ``max_length`` (rounded
             up to ``pad_to_multiple_of``), so every example fits. The number of batches is the
             same every epoch (Lightning counts the steps once): random batches are split or drawn
-            as ``lightning_lora.batching.TrainingBatchSampler`` says, and when the number is not a
-            multiple of the number of ranks the largest batches are split in two, so no example
-            is dropped or repeated.
+            as ``lightning_lora.batching.TrainingBatchSampler`` says; the number of ranks does not
+            change them (see ``group_by_length`` for an uneven last round).
         packing: pack each training batch's examples into as few rows of ``max_length`` tokens
             as possible, without padding between them. The batch holds the same examples as
             without packing (except that ``max_tokens_per_batch`` then counts real tokens, so more

@@ -69,7 +69,8 @@ class UserModule(L.LightningModule):
         self.net = get_peft_model(base, config, adapter_name=self.adapter_name)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.net(**batch).loss
+        weight = batch.pop("loss_weight", 1)  # a padding batch trains nothing (InstructionDataModule)
+        loss = self.net(**batch).loss * weight
         self.log("train_loss", loss)
         return loss
 

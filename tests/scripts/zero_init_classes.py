@@ -3,6 +3,7 @@ the context, Qwen2's first imported inside it. Prints a JSON report for tests/te
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -21,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_lora.model_classes import restore_class_decorators  # noqa: E402
 from lightning_lora.tiny import tiny_config  # noqa: E402
 
+# DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op here (~30 s on 2 cores) that a
+# zero.Init never uses; skipped as tests/deepspeed_cpu.py skips it for training.
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 deepspeed.init_distributed(dist_backend="gloo")
 llama_init = modeling_llama.LlamaAttention.__init__
 with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}):
