@@ -141,6 +141,7 @@ class TrainingBatchSampler(BatchSampler):
         self.packed = packed
         self.seed = seed
         self.start = 0  # batches of the next pass's epoch already trained on, all ranks together (a resumed run)
+        self._start_epoch = 0  # the epoch ``start`` belongs to
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Every batch of ``epoch``, in training order: the same at any number of ranks."""
@@ -215,17 +216,23 @@ class TrainingBatchSampler(BatchSampler):
         if position >= len(self.epoch_batches(epoch)):
             epoch, position = epoch + 1, 0
         self.sampler.set_epoch(epoch)
-        self.start = position
+        self.start, self._start_epoch = position, epoch
 
     @override
     def __iter__(self) -> Iterator[list[int]]:
         # A generator: the pass begins (and moves the epoch on) at its first batch, not when the
         # iterator is made. torch's multi-process DataLoader iterator makes one it never uses
         # before the one it reads (_BaseDataLoaderIter.__init__, then _reset).
-        epoch = self.sampler.epoch
+        epoch, start = self.sampler.epoch, self.pending_start()
         self.sampler.set_epoch(epoch + 1)  # the next pass differs unless set_epoch says otherwise
-        start, self.start = self.start, 0
+        self.start = 0
         yield from self.batches(epoch, start)
+
+    def pending_start(self) -> int:
+        """Where the next pass begins in its epoch: the resumed position if the epoch is still the
+        one it belongs to; Lightning may have moved on to the next (an epoch it ended early, with
+        ``limit_train_batches``, is saved as unfinished)."""
+        return self.start if self.sampler.epoch == self._start_epoch else 0
 
     @override
     def __len__(self) -> int:

@@ -464,7 +464,7 @@ class TrainingDataLoader(DataLoader):
     @override
     def __iter__(self) -> Iterator[Any]:
         sampler = self.batch_sampler
-        self._epoch, self._start, self._handed_out = sampler.sampler.epoch, sampler.start, 0
+        self._epoch, self._start, self._handed_out = sampler.sampler.epoch, sampler.pending_start(), 0
         for batch in super().__iter__():
             self._handed_out += 1
             yield batch
@@ -472,7 +472,7 @@ class TrainingDataLoader(DataLoader):
     def state_dict(self) -> dict[str, int]:
         sampler = self.batch_sampler
         if self._epoch is None:  # saved before this loader's first pass
-            return {"epoch": sampler.sampler.epoch, "position": sampler.start}
+            return {"epoch": sampler.sampler.epoch, "position": sampler.pending_start()}
         handed_out = self._start + self._handed_out * sampler.sampler.num_replicas
         return {"epoch": self._epoch, "position": min(handed_out, len(sampler.epoch_batches(self._epoch)))}
 

@@ -521,13 +521,14 @@ class LoraFinetuneModule(L.LightningModule):
             loss = loss * weight
         self.log("train_loss", loss, prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        accumulate = self.trainer.accumulate_grad_batches
-        if accumulate > 1 and self._deepspeed_strategy() is not None:
+        strategy = self._deepspeed_strategy()
+        if strategy is not None and strategy.deepspeed_engine.gradient_accumulation_steps() > 1:
             # Lightning divides the returned loss by accumulate_grad_batches, and DeepSpeed's backward
-            # divides it by its gradient_accumulation_steps (the same number) again: undo one, so that
-            # the gradient is the global batch's mean under DeepSpeed as under DDP (which matters to
-            # Adam's moments when a run resumes with another accumulation, and to gradient clipping).
-            loss = loss * accumulate
+            # divides it by its gradient_accumulation_steps (the same number) again (Lightning #6170):
+            # undo DeepSpeed's, so that the gradient is the global batch's mean under DeepSpeed as
+            # under DDP (which matters to Adam's moments when a run resumes with another
+            # accumulation, and to gradient clipping).
+            loss = loss * strategy.deepspeed_engine.gradient_accumulation_steps()
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], loss_metric: MeanMetric, accuracy_metric: MeanMetric) -> None:

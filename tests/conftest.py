@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 # Keep the 2-core CI machine responsive when several processes run; DeepSpeed must never look for a GPU.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -238,3 +239,20 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bases: dict[str,
         return out, tiny_bases[arch]
 
     return get
+
+
+def assert_frozen_weights_are_the_base(params: dict[str, torch.Tensor], base: Path) -> None:
+    """Every non-LoRA parameter the engine computes with equals the base on disk (in the working dtype)."""
+    disk = load_file(base / "model.safetensors")
+    frozen = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v for k, v in params.items() if ".lora_" not in k}
+    assert set(frozen) == set(disk)
+    differ = [k for k, v in frozen.items() if not torch.equal(v, disk[k].to(v.dtype))]
+    assert not differ, f"frozen weights differ from the base on disk: {differ}"
+
+
+def assert_module_holds_the_master_weights(start: dict) -> None:
+    """The LoRA tensors the model computes with are the fp32 master weights (cast to the working dtype)."""
+    params, trainable = start["params"], start["trainable"]
+    assert set(trainable) == {k for k in params if ".lora_" in k}
+    for key, master in trainable.items():
+        assert torch.equal(params[key], master.to(params[key].dtype)), key

@@ -25,7 +25,10 @@ from lightning_lora import InstructionDataModule
 SCRIPT = REPO / "tests" / "scripts" / "batching_ddp_run.py"
 
 
-@pytest.mark.parametrize("order", ["grouped", "random"])
+# Random batches only: what two processes add (Lightning's sampler injection, equal step counts, set_epoch
+# reaching the sampler) is the same for length-grouped ones, whose arithmetic test_batching.py checks at
+# 1-4 ranks in-process; tests/test_elastic.py follows fixed-size batches across ranks exactly.
+@pytest.mark.parametrize("order", ["random"])
 def test_ddp_ranks_train_disjoint_examples_in_equally_many_packed_batches(
     tmp_path: Path, llama_base: Path, order: str
 ) -> None:

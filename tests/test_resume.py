@@ -33,7 +33,7 @@ class Recorder(L.Callback):
 
 
 def _fit(tmp_path: Path, base: Path, steps: int, ckpt_path: Path | None = None, num_workers: int = 0,
-         **data: Any) -> tuple[Recorder, LoraFinetuneModule]:
+         limit_train_batches: int | None = None, **data: Any) -> tuple[Recorder, LoraFinetuneModule]:
     data_file = tmp_path.parent / "train.jsonl"
     if not data_file.exists():
         data_file.write_text("".join(json.dumps(r) + "\n" for r in quickstart_rows("train")[:40]))
@@ -46,6 +46,7 @@ def _fit(tmp_path: Path, base: Path, steps: int, ckpt_path: Path | None = None, 
     recorder = Recorder()
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, val_check_interval=4, num_sanity_val_steps=2,
+                        limit_train_batches=limit_train_batches,
                         callbacks=[recorder, TokenThroughput(log_every_n_steps=1),
                                    ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)],
                         default_root_dir=tmp_path)
@@ -60,15 +61,18 @@ def _adapter(module: LoraFinetuneModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
 
 
-@pytest.mark.parametrize("data", [{}, {"packing": True, "max_tokens_per_batch": 160}, {"num_workers": 2}],
-                         ids=["padded", "packed-token-budget", "two-workers"])
+@pytest.mark.parametrize("data", [{}, {"packing": True, "max_tokens_per_batch": 160}, {"num_workers": 2},
+                                  {"limit_train_batches": 5}],
+                         ids=["padded", "packed-token-budget", "two-workers", "epochs-ended-early"])
 def test_a_run_resumed_mid_epoch_equals_the_run_never_stopped(data: dict, llama_base: Path, tmp_path: Path) -> None:
-    workers = data.pop("num_workers", 0)
-    whole, whole_module = _fit(tmp_path / "whole", llama_base, steps=14, num_workers=workers, **data)
     # 32 training examples in batches of 4 (or a token budget): step 5 is mid-epoch, 14 is in the next.
+    # With limit_train_batches=5 Lightning ends each epoch at its 5th batch, and step 5 is the end
+    # of the first: the loader was left mid-list, and the resumed run must start the next epoch.
+    trainer_args = {key: data.pop(key) for key in ("num_workers", "limit_train_batches") if key in data}
+    whole, whole_module = _fit(tmp_path / "whole", llama_base, steps=14, **trainer_args, **data)
     checkpoint = next((tmp_path / "whole" / "ckpt").glob("*step=5.ckpt"))
     resumed, resumed_module = _fit(tmp_path / "resumed", llama_base, steps=14, ckpt_path=checkpoint,
-                                   num_workers=workers, **data)
+                                   **trainer_args, **data)
     assert sorted(resumed.losses) == list(range(6, 15))
     for step in resumed.losses:
         assert torch.equal(resumed.losses[step], whole.losses[step]), step
@@ -87,12 +91,19 @@ def test_a_two_process_run_resumed_mid_epoch_equals_the_run_never_stopped(strate
     """Two processes (DDP, DeepSpeed ZeRO-2 and ZeRO-3), LoRA dropout 0.05: each rank's loss at every
     step after the resume, and the final adapter, equal the uninterrupted run's (7 batches a rank an
     epoch; stopped at step 3, run to step 10 in the next epoch)."""
-    from conftest import run_train_script
+    from conftest import assert_frozen_weights_are_the_base, assert_module_holds_the_master_weights, run_train_script
 
     common = [*strategy, "--dropout", "0.05", "--steps", "10", "--log-losses"]
     run_train_script("whole", llama_base, tmp_path / "whole", [*common, "--checkpoint-every", "3"])
     checkpoint = tmp_path / "whole" / "checkpoints" / "step=3.ckpt"
-    run_train_script("resumed", llama_base, tmp_path / "resumed", [*common, "--resume-from", str(checkpoint)])
+    run_train_script("resumed", llama_base, tmp_path / "resumed", [*common, "--resume-from", str(checkpoint),
+                                                                   "--record"])
+    # What the engine holds when the resumed fit starts: the base's frozen weights, and LoRA tensors
+    # the model computes with equal to the fp32 masters restored at step 3.
+    start = torch.load(tmp_path / "resumed" / "start.pt")
+    assert start["global_step"] == 3
+    assert_frozen_weights_are_the_base(start["params"], llama_base)
+    assert_module_holds_the_master_weights(start)
     for rank in (0, 1):
         whole = torch.load(tmp_path / "whole" / f"losses-rank{rank}.pt")
         resumed = torch.load(tmp_path / "resumed" / f"losses-rank{rank}.pt")
