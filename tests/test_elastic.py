@@ -10,8 +10,9 @@ the previous one's checkpoint under another layout, two optimizer steps per link
 - the micro-batches of every optimizer step, all ranks together, are exactly the next ones of the
   epoch's list of batches, rebuilt here by a one-rank sampler from the same file: no example trained
   twice or skipped across a switch, epoch boundaries included;
-- the chain's final weights equal a single-process run that takes the same global batches (one rank,
-  accumulating all of them) from the start, within ``_TOLERANCE`` (see there).
+- the chain's final weights equal a single-process run (in the test's own process) that takes the
+  same global batches (one rank, accumulating all of them) from the first link's checkpoint, within
+  ``_TOLERANCE`` (see there).
 """
 
 from __future__ import annotations
@@ -127,10 +128,13 @@ def test_a_run_resumed_on_other_ranks_and_strategies_continues_exactly(
 
     # 3. The chain ends where one process ends that takes the same global batches from the state
     #    the first link stopped with (restored exactly, as 1. shows for every switch).
-    reference = tmp_path / "reference"
-    _run_link("reference", base, reference, ["--strategy", "single"], rows, global_batch, total, total,
-              _checkpoint(outs[0], STEPS_PER_LINK))
-    final, want = torch.load(outs[-1] / "end_state.pt")["weights"], torch.load(reference / "end_state.pt")["weights"]
+    #    Run here, in this process, on one device, as train_run.py would.
+    L.seed_everything(0)
+    reference = _resume_on_one_device(outs[0], base, lambda p: torch.optim.AdamW(p, lr=1e-2), accumulate=global_batch,
+                                      max_steps=total, checkpoint=_checkpoint(outs[0], STEPS_PER_LINK))
+    want = {name: p.detach().float() for name, p in reference.named_parameters() if p.requires_grad}
+    final = torch.load(outs[-1] / "end_state.pt")["weights"]
+    assert final.keys() == want.keys()
     for key in want:
         scale = want[key].abs().max().item()
         assert (final[key] - want[key]).abs().max().item() <= _TOLERANCE * scale, key
@@ -139,16 +143,20 @@ def test_a_run_resumed_on_other_ranks_and_strategies_continues_exactly(
 # ---------------------------------------------------------------------------------------------- refusals
 
 
-def _resume_on_one_device(run: Path, base: Path, optimizer: Any, accumulate: int = 1) -> None:
-    """Resume the two-process DDP run's final checkpoint in this process, on one device."""
+def _resume_on_one_device(run: Path, base: Path, optimizer: Any, accumulate: int = 1, max_steps: int = 6,
+                          checkpoint: Path | None = None) -> LoraFinetuneModule:
+    """Resume a run of train_run.py (its final checkpoint by default) in this process, on one
+    device, with train_run.py's settings; return the module when fit ends."""
     data = InstructionDataModule(str(run / "train.jsonl"), tokenizer=str(base), batch_size=4, val_split=0.125,
                                  template="human_assistant", max_length=64)
     module = LoraFinetuneModule(str(base), r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                 optimizer=optimizer)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, accumulate_grad_batches=accumulate, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=str(run / "resumed"))
-    trainer.fit(module, datamodule=data, ckpt_path=str(run / "ckpt"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0,
+                        default_root_dir=str(run / "resumed"))
+    trainer.fit(module, datamodule=data, ckpt_path=str(checkpoint or run / "ckpt"))
+    return module
 
 
 def test_an_accumulation_that_changes_the_global_batch_is_refused_naming_the_numbers(trained_runs) -> None:
