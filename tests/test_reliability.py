@@ -62,7 +62,7 @@ def test_sigkill_at_any_moment_leaves_nothing_or_a_good_export(trained_runs, tmp
     assert export_main(_export_args(run, base, out)) == 0
     rng = random.Random(0)
     outcomes = set()
-    for fraction in (0.2, 0.5, 0.7, 0.85, 0.95, rng.uniform(0.3, 0.99)):
+    for fraction in (0.2, 0.5, 0.85, rng.uniform(0.3, 0.99)):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         time.sleep(duration * fraction)
         process.send_signal(signal.SIGKILL)
