@@ -490,9 +490,7 @@ class LoraFinetuneModule(L.LightningModule):
             rank_zero_warn(f"LoraFinetuneModule: {slots.problem}; export this run with "
                            "`lightning-lora export --no-merge`")
         elif slots.switches:
-            switched = ", ".join(f"{name}=true" for name in slots.switches)
-            rank_zero_info(f"model.lora_bias=True: the merged model will set {switched}, "
-                           "with zero biases where no lora bias lands")
+            rank_zero_info(f"model.lora_bias=True: {slots.merged_config_line()}")
 
     def _check_vocabulary(self) -> None:
         """Fail before the first step if the data's tokenizer has ids the model has no embedding for

@@ -153,9 +153,7 @@ class HFExport(L.Callback):
             rank_zero_warn(f"HFExport: {slots.problem}; the export at the end of this run writes the adapter alone "
                            "(HFExport(merge=False) says so up front)")
         elif slots.switches:
-            switched = ", ".join(f"{name}=true" for name in slots.switches)
-            rank_zero_info(f"HFExport: lora_bias on layers without a bias: the merged model will set {switched}, "
-                           "with zero biases where no lora bias lands")
+            rank_zero_info(f"HFExport: lora_bias on layers without a bias: {slots.merged_config_line()}")
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

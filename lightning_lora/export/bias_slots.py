@@ -52,6 +52,11 @@ class BiasSlots:
     added: dict[str, list[int]] = field(default_factory=dict)
     problem: str | None = None
 
+    def merged_config_line(self) -> str:
+        """What the merged model's config turns on, in the words the fit-start line uses."""
+        switched = ", ".join(f"{name}=true" for name in self.switches)
+        return f"the merged model will set {switched}, with zero biases where no lora bias lands"
+
     def record(self) -> dict[str, Any] | None:
         """What ``export.json`` says about it: ``None`` when the merged config is the base's."""
         if not self.switches:
