@@ -30,6 +30,7 @@ from lightning_lora.export.quantized import (
 from lightning_lora.export.tokens import add_tokens, embedding_names, resize_vocab, tokenizer_files
 from lightning_lora.kernels import LossKind, TrainingKernels
 from lightning_lora.model_classes import import_model_classes, restore_class_decorators
+from lightning_lora.resume import count_resumed_epoch
 from lightning_lora.rng import RNG_KEY, gather_rng_states, set_rng_state
 from lightning_lora.tiny import resolve_model_path
 
@@ -300,6 +301,7 @@ class LoraFinetuneModule(L.LightningModule):
     @override
     def on_train_start(self) -> None:
         check_elastic_optimizer(self)
+        count_resumed_epoch(self.trainer)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -32,8 +32,8 @@ from typing import Any
 
 from lightning_lora.errors import ExportError
 
-__all__ = ["RECORD", "STAGING", "TornCheckpointError", "check_complete", "checkpoint_dirs", "find_checkpoints",
-           "resolve_ckpt_path", "resume_checkpoint"]
+__all__ = ["RECORD", "STAGING", "TornCheckpointError", "check_complete", "checkpoint_dirs", "count_resumed_epoch",
+           "find_checkpoints", "resolve_ckpt_path", "resume_checkpoint"]
 
 # Inside a checkpoint directory: which files the save wrote, with their sizes, once all ranks confirmed them.
 RECORD = "checkpoint_complete.json"
@@ -265,3 +265,25 @@ def resolve_ckpt_path(trainer: Any, ckpt_path: str | Path | None, argument: str 
     except TornCheckpointError as err:
         raise TornCheckpointError(f"{argument}={str(ckpt_path)!r} is not a complete checkpoint: {err}") from None
     return ckpt_path
+
+
+def count_resumed_epoch(trainer: Any) -> None:
+    """Count the epoch a resume at an epoch's end starts, which Lightning (2.5, 2.6) leaves uncounted.
+
+    Resuming a checkpoint written in ``on_train_batch_end`` at an epoch's last batch (a step-based
+    ``ModelCheckpoint``, our ``Preemption``), Lightning marks that epoch complete and goes on to the
+    next one, but still as the restarted one: it skips the next epoch's ``ready``/``started`` counts
+    (and its ``on_train_epoch_start`` hooks). A checkpoint written during that epoch then reads as
+    written between epochs, and resuming it trains the epoch again from its start. Call in
+    ``on_train_start`` (``LoraFinetuneModule`` and ``CompleteCheckpoint`` do); calling it twice
+    changes nothing."""
+    fit_loop = trainer.fit_loop
+    epochs = fit_loop.epoch_progress
+    if (
+        fit_loop.restarted_mid_epoch
+        and fit_loop.epoch_loop.restarted_on_train_batch_end
+        and fit_loop.epoch_loop.batch_progress.is_last_batch
+        and epochs.current.ready == epochs.current.processed  # Lightning just counted the epoch complete
+    ):
+        epochs.increment_ready()
+        epochs.increment_started()

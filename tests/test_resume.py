@@ -15,25 +15,33 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lora import InstructionDataModule, LoraFinetuneModule
-from lightning_lora.callbacks import TokenThroughput
+from lightning_lora.callbacks import CompleteCheckpoint, TokenThroughput
 from lightning_lora.tiny import quickstart_rows
 
 
 class Recorder(L.Callback):
-    """Every training step's loss, by global step (and, after fit, the warnings it raised)."""
+    """Every training step's loss, by global step, and every micro-batch's in order (and, after fit,
+    the warnings it raised); with ``stop_at``, fit ends after that global step (after its checkpoint)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_at: int | None = None) -> None:
         self.losses: dict[int, torch.Tensor] = {}
+        self.micro_batch_losses: list[torch.Tensor] = []
         self.warnings: list[str] = []
+        self.stop_at = stop_at
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses[trainer.global_step] = loss.detach().clone()
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().clone()
+        self.losses[trainer.global_step] = loss
+        self.micro_batch_losses.append(loss)
+        if trainer.global_step == self.stop_at:
+            trainer.should_stop = True  # ModelCheckpoint still saves this batch's step (Lightning runs it last)
 
 
 def _fit(tmp_path: Path, base: Path, steps: int, ckpt_path: Path | None = None, num_workers: int = 0,
-         limit_train_batches: int | None = None, **data: Any) -> tuple[Recorder, LoraFinetuneModule]:
+         limit_train_batches: int | None = None, accumulate: int = 1, checkpoint_every: int = 5,
+         stop_at: int | None = None, module_class: type = LoraFinetuneModule, checkpoint_class: type = ModelCheckpoint,
+         **data: Any) -> tuple[Recorder, LoraFinetuneModule]:
     data_file = tmp_path.parent / "train.jsonl"
     if not data_file.exists():
         data_file.write_text("".join(json.dumps(r) + "\n" for r in quickstart_rows("train")[:40]))
@@ -41,19 +49,21 @@ def _fit(tmp_path: Path, base: Path, steps: int, ckpt_path: Path | None = None, 
     datamodule = InstructionDataModule(str(data_file), tokenizer=str(base), batch_size=4, val_split=0.2,
                                        max_length=48, template="human_assistant", num_workers=num_workers,
                                        **data)
-    module = LoraFinetuneModule(str(base), target_modules=["q_proj", "v_proj"],
+    module = module_class(str(base), target_modules=["q_proj", "v_proj"],
                                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-    recorder = Recorder()
+    recorder = Recorder(stop_at)
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, val_check_interval=4, num_sanity_val_steps=2,
-                        limit_train_batches=limit_train_batches,
+                        limit_train_batches=limit_train_batches, accumulate_grad_batches=accumulate,
                         callbacks=[recorder, TokenThroughput(log_every_n_steps=1),
-                                   ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)],
+                                   checkpoint_class(dirpath=tmp_path / "ckpt", every_n_train_steps=checkpoint_every,
+                                                    save_top_k=-1)],
                         default_root_dir=tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     recorder.warnings = [str(w.message) for w in caught]
+    recorder.epochs = trainer.fit_loop.epoch_progress.state_dict()
     return recorder, module
 
 
@@ -80,6 +90,38 @@ def test_a_run_resumed_mid_epoch_equals_the_run_never_stopped(data: dict, llama_
     assert whole_adapter.keys() == resumed_adapter.keys()
     assert all(torch.equal(whole_adapter[k], resumed_adapter[k]) for k in whole_adapter)
     assert not [w for w in resumed.warnings if "not resumable" in w]
+
+
+class UserTrainStart(LoraFinetuneModule):
+    """A module with an ``on_train_start`` of its own that does not call ours."""
+
+    def on_train_start(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kinds", [(LoraFinetuneModule, ModelCheckpoint), (UserTrainStart, CompleteCheckpoint)],
+                         ids=["our-module", "complete-checkpoint"])
+def test_a_run_resumed_at_an_epoch_end_and_again_at_the_next_equals_the_run_never_stopped(
+    kinds: tuple[type, type], llama_base: Path, tmp_path: Path
+) -> None:
+    # 8 batches an epoch, 2 a step: steps 4 and 8 end epochs 0 and 1, and both checkpoints are
+    # written in on_train_batch_end at the epoch's last batch. Lightning (2.5, 2.6) resumes the
+    # first into epoch 1 without counting it started, so step 8's checkpoint read as written
+    # between epochs, and its resume trained epoch 1 again. Our module counts it, and so does
+    # CompleteCheckpoint, for any module (lightning_lora.resume.count_resumed_epoch).
+    common = {"steps": 10, "accumulate": 2, "checkpoint_every": 4, "module_class": kinds[0], "checkpoint_class": kinds[1]}
+    whole, whole_module = _fit(tmp_path / "whole", llama_base, **common)
+    first, _ = _fit(tmp_path / "first", llama_base, stop_at=8, **common,
+                    ckpt_path=next((tmp_path / "whole" / "ckpt").glob("*step=4.ckpt")))
+    second, second_module = _fit(tmp_path / "second", llama_base, **common,
+                                 ckpt_path=next((tmp_path / "first" / "ckpt").glob("*step=8.ckpt")))
+    assert len(first.micro_batch_losses) == 8 and len(second.micro_batch_losses) == 4
+    for resumed, start in ((first, 8), (second, 16)):  # the micro-batches each resumed run trained
+        wanted = whole.micro_batch_losses[start:start + len(resumed.micro_batch_losses)]
+        assert all(torch.equal(a, b) for a, b in zip(resumed.micro_batch_losses, wanted, strict=True)), start
+    assert second.epochs == whole.epochs  # ends in epoch 2, as the run never stopped
+    whole_adapter, second_adapter = _adapter(whole_module), _adapter(second_module)
+    assert all(torch.equal(whole_adapter[k], second_adapter[k]) for k in whole_adapter)
 
 
 # DDP: tests/test_callback_resume.py resumes the quickstart under two-process DDP mid-epoch and at an

@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from lightning_lora.resume import RECORD, RECORD_FORMAT, STAGING, TornCheckpointError, check_complete
+from lightning_lora.resume import RECORD, RECORD_FORMAT, STAGING, TornCheckpointError, check_complete, count_resumed_epoch
 
 __all__ = ["CheckpointNotCompleteError", "CompleteCheckpoint", "remove_checkpoint", "save_complete"]
 
@@ -59,6 +59,11 @@ class CompleteCheckpoint(ModelCheckpoint):
     a Trainer user calls :func:`lightning_lora.resolve_ckpt_path`. Remote (``s3://``) dirpaths are
     not supported: renames there are not atomic.
     """
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        count_resumed_epoch(trainer)  # resuming a checkpoint of this run's epoch ends (see there), any module
 
     # Lightning's private hooks (2.x): _save_checkpoint is where every save of ModelCheckpoint (top-k,
     # last, on exception) goes, _remove_checkpoint every deletion; _last_global_step_saved and
