@@ -153,7 +153,7 @@ def _load_elastic(module: L.LightningModule, path: Path, target: Layout) -> dict
     accumulate = _accumulation(trainer, state, target, path)
     trainer.accumulate_grad_batches = accumulate
     checkpoint = dict(state.client)  # its RNG states are given back only on as many ranks (LoraFinetuneModule)
-    _rescale_epoch_progress(checkpoint, target.world_size, path)
+    _rescale_epoch_progress(checkpoint, state.layout.world_size, target.world_size, path)
     trainable = [(name, param) for name, param in module.named_parameters() if param.requires_grad]
     here, there = {name for name, _ in trainable}, set(state.names)
     if here != there:
@@ -191,9 +191,13 @@ def _accumulation(trainer: L.Trainer, state: ResumeState, target: Layout, path: 
     return accumulate
 
 
-def _rescale_epoch_progress(checkpoint: dict[str, Any], ranks: int, path: Path) -> None:
-    """Lightning counts an epoch's batches per rank: make the count of the batches already trained
-    in this epoch the new ranks' (each takes position / ranks), so that the epoch ends with the data."""
+def _rescale_epoch_progress(checkpoint: dict[str, Any], source_ranks: int, ranks: int, path: Path) -> None:
+    """Lightning counts an epoch's batches per rank: make the count the new ranks' (each takes
+    position / ranks), so that the epoch ends with the data.
+
+    Each of Lightning's counters (ready, started, processed, completed) moves by the same amount,
+    because their differences say where in a batch the checkpoint was written (``completed`` is one
+    behind in ``on_train_batch_end``), and Lightning decides from them what to finish on resume."""
     fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
     loaders = fit_loop.get("state_dict", {}).get("combined_loader") or [{}]
     position = loaders[0].get("position")
@@ -201,10 +205,16 @@ def _rescale_epoch_progress(checkpoint: dict[str, Any], ranks: int, path: Path) 
         raise ValueError(f"--ckpt_path={str(path)!r} records no data position shared by the ranks (written by an "
                          "older lightning_lora): resume it on the number of ranks and strategy that wrote it")
     progress = fit_loop["epoch_loop.batch_progress"]
-    done = math.ceil(position / ranks)
+    before, after = math.ceil(position / source_ranks), math.ceil(position / ranks)
+    if progress["current"]["processed"] == 0:  # this epoch's count not started (Lightning reset it)
+        return
+    if progress["current"]["processed"] != before:
+        raise ValueError(f"--ckpt_path={str(path)!r}: Lightning counted {progress['current']['processed']} batches of "
+                         f"this epoch per rank, but the data position {position} on {source_ranks} ranks makes "
+                         f"{before}: cannot carry the count over to {ranks} rank{'s' if ranks > 1 else ''}")
     for counter in ("ready", "started", "processed", "completed"):
-        progress["total"][counter] += done - progress["current"][counter]
-        progress["current"][counter] = done
+        progress["total"][counter] += after - before
+        progress["current"][counter] += after - before
 
 
 def _torch_adam_state(state: ResumeState, names: list[str]) -> dict[str, Any]:

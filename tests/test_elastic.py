@@ -17,6 +17,7 @@ the previous one's checkpoint under another layout, two optimizer steps per link
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import Counter
 from pathlib import Path
@@ -28,21 +29,24 @@ import torch
 from conftest import run_train_script
 
 from lightning_lora import InstructionDataModule, LoraFinetuneModule
-from lightning_lora.elastic import Layout, _accumulation, read_resume_state
+from lightning_lora.elastic import Layout, _accumulation, _rescale_epoch_progress, read_resume_state
 
 Z = ["--strategy", "deepspeed"]
 # Chains of layouts, each with its accumulation: the global batch (ranks x accumulation) stays.
+# (rows, global batch, validation batches, links)
 CHAINS = {
-    # ZeRO-1 2 -> 1, ZeRO-1 -> ZeRO-2, ZeRO-2 -> DDP, DDP -> one device; 14 batches an epoch, 2 a step.
-    "zero1-zero2-ddp-single": (64, 2, [
+    # ZeRO-1 2 -> 1, ZeRO-1 -> ZeRO-2, ZeRO-2 -> DDP, DDP -> one device; 14 batches an epoch, 2 a step:
+    # every switch is mid-epoch; a validation batch each epoch.
+    "zero1-zero2-ddp-single": (64, 2, 1, [
         [*Z, "--stage", "1", "--devices", "2"],
         [*Z, "--stage", "1", "--devices", "1"],
         [*Z, "--stage", "2", "--devices", "2"],
         ["--strategy", "ddp", "--devices", "2"],
         ["--strategy", "single"],
     ]),
-    # ZeRO-3 2 -> 3 (from exclude_frozen_parameters) -> 2; 12 batches an epoch, 6 a step.
-    "zero3-2-3-2": (55, 6, [
+    # ZeRO-3 2 -> 3 (from exclude_frozen_parameters) -> 2; 12 batches an epoch, 6 a step: every switch
+    # is at an epoch's last batch (the second from a run that itself resumed at one); no validation.
+    "zero3-2-3-2": (55, 6, 0, [
         [*Z, "--stage", "3", "--devices", "2", "--exclude-frozen"],
         [*Z, "--stage", "3", "--devices", "3"],
         [*Z, "--stage", "3", "--devices", "2"],
@@ -63,11 +67,12 @@ STEPS_PER_LINK = 2
 _TOLERANCE = 1e-5
 
 
-def _run_link(name: str, base: Path, out: Path, layout: list[str], rows: int, global_batch: int, total: int,
-              stop_at: int, resume: Path | None) -> None:
+def _run_link(name: str, base: Path, out: Path, layout: list[str], rows: int, global_batch: int, val_batches: int,
+              total: int, stop_at: int, resume: Path | None) -> None:
     """One run of the chain: planned for ``total`` steps, stopped (as if preempted) after ``stop_at``."""
     ranks = 1 if "single" in layout else int(layout[layout.index("--devices") + 1])
     args = [*layout, "--rows", str(rows), "--accumulate", str(global_batch // ranks), "--dump-state", "--seed", "0",
+            "--val-batches", str(val_batches),
             "--steps", str(total), "--stop-at", str(stop_at), "--checkpoint-every", str(STEPS_PER_LINK)]
     if resume is not None:
         args += ["--resume-from", str(resume)]
@@ -93,14 +98,15 @@ def _expected_batches(out: Path, base: Path, epochs: int) -> list[list[tuple[int
 def test_a_run_resumed_on_other_ranks_and_strategies_continues_exactly(
     tmp_path: Path, tiny_bases: dict[str, Path], chain: str
 ) -> None:
-    rows, global_batch, links = CHAINS[chain]
+    rows, global_batch, val_batches, links = CHAINS[chain]
     base = tiny_bases["llama"]
     total = STEPS_PER_LINK * len(links)
     outs = []
     for i, layout in enumerate(links):
         resume = _checkpoint(outs[-1], STEPS_PER_LINK * i) if outs else None
         outs.append(tmp_path / f"link{i}")
-        _run_link(f"link {i}", base, outs[-1], layout, rows, global_batch, total, STEPS_PER_LINK * (i + 1), resume)
+        _run_link(f"link {i}", base, outs[-1], layout, rows, global_batch, val_batches, total,
+                  STEPS_PER_LINK * (i + 1), resume)
 
     # 1. Every link starts with exactly what the previous one held when it stopped.
     for before, after in itertools.pairwise(outs):
@@ -131,7 +137,8 @@ def test_a_run_resumed_on_other_ranks_and_strategies_continues_exactly(
     #    Run here, in this process, on one device, as train_run.py would.
     L.seed_everything(0)
     reference = _resume_on_one_device(outs[0], base, lambda p: torch.optim.AdamW(p, lr=1e-2), accumulate=global_batch,
-                                      max_steps=total, checkpoint=_checkpoint(outs[0], STEPS_PER_LINK))
+                                      max_steps=total, checkpoint=_checkpoint(outs[0], STEPS_PER_LINK),
+                                      val_batches=val_batches)
     want = {name: p.detach().float() for name, p in reference.named_parameters() if p.requires_grad}
     final = torch.load(outs[-1] / "end_state.pt")["weights"]
     assert final.keys() == want.keys()
@@ -144,7 +151,7 @@ def test_a_run_resumed_on_other_ranks_and_strategies_continues_exactly(
 
 
 def _resume_on_one_device(run: Path, base: Path, optimizer: Any, accumulate: int = 1, max_steps: int = 6,
-                          checkpoint: Path | None = None) -> LoraFinetuneModule:
+                          checkpoint: Path | None = None, val_batches: int = 1) -> LoraFinetuneModule:
     """Resume a run of train_run.py (its final checkpoint by default) in this process, on one
     device, with train_run.py's settings; return the module when fit ends."""
     data = InstructionDataModule(str(run / "train.jsonl"), tokenizer=str(base), batch_size=4, val_split=0.125,
@@ -153,7 +160,7 @@ def _resume_on_one_device(run: Path, base: Path, optimizer: Any, accumulate: int
                                 optimizer=optimizer)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, accumulate_grad_batches=accumulate,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0,
+                        enable_model_summary=False, limit_val_batches=val_batches, num_sanity_val_steps=0,
                         default_root_dir=str(run / "resumed"))
     trainer.fit(module, datamodule=data, ckpt_path=str(checkpoint or run / "ckpt"))
     return module
@@ -174,6 +181,25 @@ def test_a_global_batch_the_new_ranks_cannot_share_is_refused(trained_runs) -> N
     with pytest.raises(ValueError, match=r"global batch of 2 micro-batches \(2 ranks x accumulate_grad_batches=1\), "
                                          r"which 3 ranks cannot share evenly"):
         _accumulation(trainer, state, Layout("deepspeed", 3, 3), run / "ckpt")
+
+
+def test_lightning_batch_count_moves_to_the_new_ranks_and_a_count_that_disagrees_is_refused(trained_runs) -> None:
+    run, _ = trained_runs("ddp-fp32")  # 2 ranks, stopped at position 8 of the epoch's list: 4 batches a rank
+    loops = read_resume_state(run / "ckpt").client["loops"]
+    progress = loops["fit_loop"]["epoch_loop.batch_progress"]
+    assert loops["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == 8
+    assert progress["current"]["processed"] == 4
+    in_batch = copy.deepcopy(loops)  # as written in on_train_batch_end: completed one behind
+    in_batch["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] = 3
+    in_batch["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] = 3
+    _rescale_epoch_progress({"loops": in_batch}, 2, 1, run / "ckpt")
+    moved = in_batch["fit_loop"]["epoch_loop.batch_progress"]
+    assert moved["current"] == {"ready": 8, "started": 8, "processed": 8, "completed": 7}
+    assert moved["total"] == {"ready": 8, "started": 8, "processed": 8, "completed": 7}
+    progress["current"]["processed"] = 3
+    with pytest.raises(ValueError, match=r"Lightning counted 3 batches of this epoch per rank, but the data position "
+                                         r"8 on 2 ranks makes 4: cannot carry the count over to 1 rank$"):
+        _rescale_epoch_progress({"loops": loops}, 2, 1, run / "ckpt")
 
 
 def test_an_optimizer_other_than_adam_is_refused_before_the_first_step(trained_runs) -> None:

@@ -212,6 +212,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="seed_everything(SEED) first (the LoRA init repeats)")
     parser.add_argument("--rows", type=int, default=64, help="training rows (before the 1/8 validation split)")
     parser.add_argument("--accumulate", type=int, default=1, help="Trainer(accumulate_grad_batches=...)")
+    parser.add_argument("--val-batches", type=int, default=1, help="Trainer(limit_val_batches=...): 0 runs no validation")
     parser.add_argument("--dump-state", action="store_true",
                         help="write OUT/{start,end}_state.pt (weights, Adam moments, step, as the optimizer holds "
                              "them: DeepSpeed's own safe_get_full_* under DeepSpeed) and OUT/steps-rankR.pt (each "
@@ -319,7 +320,7 @@ def main() -> None:
         callbacks.append(StopAt(args.stop_at))
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, precision=args.precision,
-        max_steps=args.steps, limit_val_batches=1, accumulate_grad_batches=args.accumulate, num_sanity_val_steps=0, logger=False,
+        max_steps=args.steps, limit_val_batches=args.val_batches, accumulate_grad_batches=args.accumulate, num_sanity_val_steps=0, logger=False,
         enable_checkpointing=args.top_k_checkpoints or bool(args.checkpoint_every) or bool(args.keep_checkpoints),
         enable_progress_bar=False,
         enable_model_summary=False,
