@@ -125,6 +125,40 @@ def llama_base(tiny_bases: dict[str, Path]) -> Path:
     return tiny_bases["llama"]
 
 
+def fit_quickstart(root: Path, tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> None:
+    """Train the shipped quickstart config in ``root`` (with CLI ``overrides``): its export is
+    ``root/runs/quickstart/export/{adapter,merged}``, its data ``root/data/quickstart/``."""
+    from lightning_lora.cli import main
+
+    shutil.copytree(REPO / "configs", root / "configs")
+    shutil.copytree(REPO / "data", root / "data")
+    here, cache = os.getcwd(), os.environ.get("LIGHTNING_LORA_CACHE")
+    # The config writes under runs/ and reads data/, relative to the working directory; its
+    # builtin:tiny-llama is built into the session's cache (a session fixture runs before _isolated_cache).
+    os.environ["LIGHTNING_LORA_CACHE"] = str(tmp_path_factory.getbasetemp() / "builtin-cache")
+    os.chdir(root)
+    try:
+        main(["fit", "--config", "configs/quickstart.yaml", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", *overrides])
+    finally:
+        os.chdir(here)
+        if cache is None:
+            os.environ.pop("LIGHTNING_LORA_CACHE")
+        else:
+            os.environ["LIGHTNING_LORA_CACHE"] = cache
+
+
+@pytest.fixture(scope="session")
+def trained_quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped quickstart trained as shipped (10 epochs, about 20 s on 2 CPU cores), once per
+    session, shared by the xdist workers (see :func:`fit_quickstart`)."""
+    root = shared_dir(tmp_path_factory) / "quickstart"
+    with built_once(root) as needed:
+        if needed:
+            fit_quickstart(root, tmp_path_factory)
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """``builtin:`` models are built into a per-session cache, not the user's home."""

@@ -252,21 +252,10 @@ def test_evaluate_errors_name_the_argument(llama_base: Path, tmp_path: Path, cap
     assert code == 0 and json.loads(out)["exact_match"] is None  # plain text: scored, no answers to match
 
 
-def _train_quickstart(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The shipped quickstart, trained as shipped (10 epochs, about 20 s on 2 CPU cores), in ``root``."""
-    shutil.copytree(REPO / "configs", root / "configs")
-    shutil.copytree(REPO / "data", root / "data")
-    with monkeypatch.context() as patch:
-        patch.chdir(root)  # the config writes under runs/ and reads data/, relative to the working directory
-        main(["fit", "--config", "configs/quickstart.yaml", "--trainer.enable_progress_bar=false",
-              "--trainer.enable_model_summary=false"])
-    return root
-
-
 def test_quickstart_fine_tuning_shows_on_held_out_data(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, trained_quickstart: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    quickstart = _train_quickstart(tmp_path / "quickstart", monkeypatch)
+    quickstart = trained_quickstart
     export, test = quickstart / "runs/quickstart/export", str(quickstart / "data/quickstart/test.jsonl")
     common = ["--data", test, "--template", "human_assistant", "--device", "cpu"]
     runs = {
