@@ -235,16 +235,24 @@ def verify_main(argv: list[str]) -> int:
     return 0
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
+def _model_arguments(parser: argparse.ArgumentParser, benchmarks: bool = False) -> None:
     """Where the model comes from and how it runs: shared by ``generate`` and ``evaluate``."""
+    from lightning_lora.benchmark import TEMPLATE_NONE
     from lightning_lora.templates import TEMPLATES
 
     parser.add_argument("--model", help="a merged model directory, or the base model of --adapter "
                         "(a directory, builtin:tiny-llama or a hub id)")
-    parser.add_argument("--template", default="alpaca", choices=TEMPLATES,
-                        help="prompt format the model was trained with, as data.template (default: alpaca)")
+    if benchmarks:
+        parser.add_argument("--template", choices=(*TEMPLATES, TEMPLATE_NONE),
+                            help="prompt format the model was trained with, as data.template (default: alpaca; with "
+                            "--tasks: none, the harness' own prompt as published scores use; chat_template: the "
+                            "model's chat template)")
+    else:
+        parser.add_argument("--template", default="alpaca", choices=TEMPLATES,
+                            help="prompt format the model was trained with, as data.template (default: alpaca)")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), fp32, bf16 or fp16")
-    parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1, or auto: the model spread over this machine's GPUs "
+                        "(default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts or examples per forward pass (default: 8)")
     parser.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -281,7 +289,7 @@ _TRUST_HELP = "run the custom code (auto_map) a model, adapter or tokenizer maps
 
 # Errors whose message is written for the user (names the argument and the value); anything else
 # is a bug or an environment problem, reported with its type and a pointer to --debug.
-_USER_ERRORS = (ValueError, OSError)
+_USER_ERRORS = (ValueError, OSError, ImportError)
 
 
 def _fail(command: str, err: BaseException, debug: bool) -> int:
@@ -358,6 +366,8 @@ def _quiet(debug: bool, keep_info: bool = False) -> None:
         hf_logging.set_verbosity_error()
         # bitsandbytes (imported by PEFT when installed) warns about optional CPU kernels on import.
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # lm-evaluation-harness warns about an in-memory model and local task data, which are ours to pass.
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
@@ -410,14 +420,30 @@ def generate_main(argv: list[str]) -> int:
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
+    from lightning_lora.benchmark import EXTRA
+
     parser = argparse.ArgumentParser(
         prog="lightning-lora evaluate",
         description="Score a model on held-out data as training's validation does (loss, perplexity and "
-        "token accuracy over the response tokens), plus exact match of greedy answers; prints JSON.",
+        "token accuracy over the response tokens, plus exact match of greedy answers; prints JSON), or, with "
+        "--tasks, on benchmarks through lm-evaluation-harness (MMLU and the like: accuracy per task and subject; "
+        f"prints a table; needs {EXTRA}). Under torchrun each process scores its share; rank 0 prints.",
     )
-    _model_arguments(parser)
-    parser.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory to load onto --model")
+    _model_arguments(parser, benchmarks=True)
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="PEFT adapter directory to load onto --model; with --tasks repeatable, each adapter "
+                        "scored in turn on the one base")
     parser.add_argument("--data", help="a .json/.jsonl/.parquet file or a datasets directory of rows, as data.data_path")
+    parser.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks or groups, e.g. mmlu,arc_easy")
+    parser.add_argument("--num-fewshot", type=int, help="few-shot examples per question (default: each task's own)")
+    parser.add_argument("--data-dir", help="local task data, nothing downloaded: MMLU's layout (test/<subject>_test.csv, "
+                        "dev/...) or <subject-or-task>/<split>.parquet|jsonl|json")
+    parser.add_argument("--limit", type=int, help="score only the first N questions of each task (a quick look)")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--adapter-name", help="with --tasks: score only this loaded adapter")
+    choice.add_argument("--no-adapter", action="store_true", help="with --tasks: score the base, adapters disabled")
+    parser.add_argument("--log-samples", action="store_true", help="with --tasks: each question's prompt, choices and "
+                        "log-likelihoods in the --output JSON")
     parser.add_argument("--format", default="auto", help="auto (from the first row), alpaca, messages or text")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per example, longer ones are cut (default: 512)")
     parser.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=None,
@@ -429,9 +455,23 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    """``lightning-lora evaluate``: print the metrics as JSON; returns the exit code."""
+    """``lightning-lora evaluate``: print the metrics as JSON (held-out data) or a table (--tasks);
+    returns the exit code."""
     args = _evaluate_parser().parse_args(argv)
+    if args.tasks is not None:
+        return _benchmark_main(args)
     try:
+        benchmark_only = [flag for flag, given in (("--num-fewshot", args.num_fewshot is not None), ("--data-dir", args.data_dir),
+                          ("--limit", args.limit is not None), ("--adapter-name", args.adapter_name),
+                          ("--no-adapter", args.no_adapter), ("--log-samples", args.log_samples)) if given]
+        if benchmark_only:
+            raise ValueError(f"{benchmark_only[0]} applies to --tasks (benchmarks), which is not given")
+        if len(args.adapter) > 1:
+            raise ValueError(f"--adapter is given {len(args.adapter)} times: held-out data is scored with one adapter "
+                             "(--tasks scores several in turn)")
+        if args.template == "none":
+            raise ValueError("--template='none' applies to --tasks; held-out data is rendered in its training template")
+        args.template = args.template or "alpaca"
         if not args.model:
             raise ValueError("--model is required: a merged model directory, or the base model of --adapter")
         if not args.data:
@@ -442,14 +482,13 @@ def evaluate_main(argv: list[str]) -> int:
         warn_outside_tested_range()
         from lightning_lora import evaluation, inference
 
-        adapters = [args.adapter] if args.adapter else []
-        model, tokenizer = inference.load_for_generation(args.model, adapters, dtype=args.dtype, device=args.device,
+        model, tokenizer = inference.load_for_generation(args.model, args.adapter, dtype=args.dtype, device=args.device,
                                                          trust_remote_code=args.trust_remote_code)
         metrics = evaluation.evaluate(
             model, tokenizer, args.data, format=args.format, template=args.template, max_length=args.max_length,
             batch_size=args.batch_size, exact_match=args.exact_match, max_new_tokens=args.max_new_tokens,
         )
-        report = {"model": args.model, "adapter": args.adapter, "data": args.data, **metrics}
+        report = {"model": args.model, "adapter": args.adapter[0] if args.adapter else None, "data": args.data, **metrics}
         text = _write_json(report, args.output)
     except Exception as err:
         return _fail("evaluate", err, args.debug)
@@ -457,15 +496,67 @@ def evaluate_main(argv: list[str]) -> int:
     return 0
 
 
+def _benchmark_main(args: argparse.Namespace) -> int:
+    """``lightning-lora evaluate --tasks``: a table on the terminal, the whole report with --output."""
+    try:
+        if not args.model:
+            raise ValueError("--model is required: a merged model directory, or the base model of --adapter")
+        if args.data:
+            raise ValueError(f"--data={args.data!r} and --tasks score different things: pass one")
+        _quiet(args.debug)
+        warn_outside_tested_range()
+        from lightning_lora import benchmark, inference
+
+        benchmark.check_installed()
+        device = _distributed_device(args.device)
+        model, tokenizer = inference.load_for_generation(args.model, args.adapter, dtype=args.dtype, device=device,
+                                                         trust_remote_code=args.trust_remote_code)
+        loaded = inference.adapter_names(model)
+        if args.no_adapter:
+            runs = {"base (adapters disabled)": (None, True)}
+        elif args.adapter_name or loaded:
+            runs = {f"adapter {name!r}": (name, False) for name in ([args.adapter_name] if args.adapter_name else loaded)}
+        else:
+            runs = {"model": (None, False)}
+        report = benchmark.run_benchmarks(
+            model, tokenizer, args.tasks.split(","), num_fewshot=args.num_fewshot, data_dir=args.data_dir,
+            template=args.template or benchmark.TEMPLATE_NONE, batch_size=args.batch_size, limit=args.limit, runs=runs,
+            samples=args.log_samples,
+        )
+        if report is None:
+            return 0  # not rank 0: rank 0 prints
+        report["settings"].update(model=args.model, adapters=args.adapter)
+        _write_json(report, args.output)
+    except Exception as err:
+        return _fail("evaluate", err, args.debug)
+    print(benchmark.format_table(report))
+    return 0
+
+
+def _distributed_device(device: str | None) -> str | None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; each process takes its own GPU."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device == "auto":
+        raise ValueError("--device='auto' spreads one process's model over this machine's GPUs, but torchrun started "
+                         f"{os.environ['WORLD_SIZE']} processes, each of which takes its own GPU: pass one of the two")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if device is None and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    return device
+
+
 def _write_json(report: dict, output: str | None) -> str:
     """The report as JSON text, also written to ``output`` (whole, through a temporary sibling)."""
     import json
 
-    text = json.dumps(report, indent=2)
-    if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(path)
-    return text
+    from lightning_lora.export.hf import write_json_atomically
+
+    return write_json_atomically(Path(output), report) if output else json.dumps(report, indent=2)

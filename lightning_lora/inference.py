@@ -130,7 +130,9 @@ def load_for_generation(
         adapters: PEFT adapter directories to load onto ``model``, as ``DIR`` or ``NAME=DIR`` strings or
             a ``{name: dir}`` mapping; a name defaults to the directory's name. The first one is active.
         dtype: ``auto`` (the checkpoint's), ``fp32``, ``bf16`` or ``fp16``.
-        device: where to run; default ``cuda`` when available, else ``cpu``.
+        device: where to run; default ``cuda`` when available, else ``cpu``; ``auto`` spreads the
+            model over every GPU of this machine (Accelerate's ``device_map="auto"``: a model too
+            large for one GPU, in one process).
         trust_remote_code: run the custom code (``auto_map``) the model, an adapter or a tokenizer
             maps to; without it such a directory is refused.
 
@@ -148,7 +150,8 @@ def load_for_generation(
     try:
         tokenizer = _load_tokenizer(model_path, named, trust_remote_code)
         restore_class_decorators()  # a training in this process may have created its classes in deepspeed.zero.Init
-        net = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        net = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                   device_map="auto" if device == "auto" else None)
     except OSError as err:  # transformers' message names the file, not the argument
         raise OSError(f"--model={str(model)!r} cannot be loaded: {err}") from err
     if named:
@@ -163,6 +166,8 @@ def load_for_generation(
         for name, path in others:
             net.load_adapter(str(path), adapter_name=name)
         net.set_adapter(first)
+    if device == "auto":
+        return net.eval(), tokenizer  # placed by from_pretrained
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return net.to(device).eval(), tokenizer
 

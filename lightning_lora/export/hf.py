@@ -248,3 +248,13 @@ def package_versions() -> dict[str, str]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_json_atomically(path: Path, data: dict[str, Any]) -> str:
+    """Write ``data`` as JSON whole or not at all (through a temporary sibling); returns the text."""
+    text = json.dumps(data, indent=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return text
