@@ -273,6 +273,8 @@ def _harness_lm(model: Any, tokenizer: Any, batch_size: int, template: str) -> A
         def __init__(self) -> None:
             super().__init__(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # HFLM's private _rank/_world_size (its rank/world_size properties read them), set as its
+                # own Accelerate path sets them; given a loaded model it assumes one process.
                 self._rank, self._world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
         def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -443,7 +445,7 @@ def _settings(result: dict[str, Any], model: Any, num_fewshot: int | None, templ
         "num_fewshot_requested": num_fewshot, "template": template,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "data_dir": None if data_dir is None else str(data_dir), "limit": limit,
-        "versions": {**versions, "lm_eval": result.get("lm_eval_version")},
+        "versions": versions,
     }
 
 

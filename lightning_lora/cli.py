@@ -503,6 +503,10 @@ def _benchmark_main(args: argparse.Namespace) -> int:
             raise ValueError("--model is required: a merged model directory, or the base model of --adapter")
         if args.data:
             raise ValueError(f"--data={args.data!r} and --tasks score different things: pass one")
+        held_out_only = [flag for flag, given in (("--exact-match", args.exact_match is not None),
+                         ("--max-new-tokens", args.max_new_tokens is not None)) if given]
+        if held_out_only:
+            raise ValueError(f"{held_out_only[0]} applies to --data (held-out data), not to --tasks")
         _quiet(args.debug)
         warn_outside_tested_range()
         from lightning_lora import benchmark, inference
@@ -523,6 +527,7 @@ def _benchmark_main(args: argparse.Namespace) -> int:
             template=args.template or benchmark.TEMPLATE_NONE, batch_size=args.batch_size, limit=args.limit, runs=runs,
             samples=args.log_samples,
         )
+        _leave_process_group()
         if report is None:
             return 0  # not rank 0: rank 0 prints
         report["settings"].update(model=args.model, adapters=args.adapter)
@@ -531,6 +536,15 @@ def _benchmark_main(args: argparse.Namespace) -> int:
         return _fail("evaluate", err, args.debug)
     print(benchmark.format_table(report))
     return 0
+
+
+def _leave_process_group() -> None:
+    """Every rank done: leave the process group before exiting (gloo's threads otherwise abort the exit now and then)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _distributed_device(device: str | None) -> str | None:

@@ -35,6 +35,7 @@ TESTED: dict[str, tuple[str, str]] = {
     "bitsandbytes": ("0.49.0", "0.50.2"),
     "safetensors": ("0.4.3", "0.8.0"),
     "kernels": ("0.19.1", "0.19.1"),
+    "lm-eval": ("0.4.13", "0.4.13"),  # the [eval] extra: evaluate --tasks, BenchmarkScores
 }
 
 log = logging.getLogger("lightning_lora")

@@ -65,6 +65,10 @@ SMOKE = (
     "tests/test_unpickle.py::test_a_needed_foreign_object_fails_in_one_line_naming_file_key_and_type[fsdp-sharded]",
     # Every shipped preset parsed by LightningCLI (jsonargparse, the strategies' signatures).
     "tests/test_cli.py::test_every_shipped_yaml_parses",
+    # Benchmarks through lm-evaluation-harness: its HFLM with our model, its task index and task
+    # building with local data, its chat-template mode.
+    "tests/test_benchmark.py::test_templates_change_the_prompt_as_they_say",
+    "tests/test_benchmark.py::test_local_data_in_other_layouts_and_missing_data",
     # generate and evaluate on a trained model.
     "tests/test_inference.py::test_generate_command",
     "tests/test_inference.py::test_evaluate_equals_masked_cross_entropy_computed_here",
