@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" DS_ACCELERATOR=cpu
-python -m pytest -q -n "${PYTEST_WORKERS:-3}" --dist loadfile "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-3}" --dist loadfile --durations=15 "$@"

@@ -126,12 +126,14 @@ def test_a_run_resumed_at_an_epoch_end_and_again_at_the_next_equals_the_run_neve
 
 # DDP: tests/test_callback_resume.py resumes the quickstart under two-process DDP mid-epoch and at an
 # epoch boundary, and checks the final adapter and merged weights torch.equal to the run never stopped.
-@pytest.mark.parametrize("strategy", [["--strategy", "deepspeed", "--stage", "2", "--devices", "2"],
-                                      ["--strategy", "deepspeed", "--stage", "3", "--devices", "2"]],
-                         ids=["zero2", "zero3"])
+# ZeRO-3 only (its working weights are partitioned too): a ZeRO-2 run resumes through the same code of
+# ours (loader position, RNG states per rank); what differs is DeepSpeed's own loading of its
+# partitions, left out here for suite time (37 s); ZeRO-2 checkpoints are read by our elastic reader
+# in tests/test_elastic.py's chain.
+@pytest.mark.parametrize("strategy", [["--strategy", "deepspeed", "--stage", "3", "--devices", "2"]], ids=["zero3"])
 def test_a_two_process_run_resumed_mid_epoch_equals_the_run_never_stopped(strategy: list[str], llama_base: Path,
                                                                    tmp_path: Path) -> None:
-    """Two processes (DeepSpeed ZeRO-2 and ZeRO-3), LoRA dropout 0.05: each rank's loss at every
+    """Two processes (DeepSpeed ZeRO-3), LoRA dropout 0.05: each rank's loss at every
     step after the resume, and the final adapter, equal the uninterrupted run's (7 batches a rank an
     epoch; stopped at step 3, run to step 10 in the next epoch)."""
     from conftest import assert_frozen_weights_are_the_base, assert_module_holds_the_master_weights, run_train_script
