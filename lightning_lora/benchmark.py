@@ -107,7 +107,8 @@ def _mmlu_rows(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     if isinstance(answer, str) and answer.strip() in _LETTERS:
         answer = _LETTERS.index(answer.strip())
     if not isinstance(answer, int) or not isinstance(row.get("choices"), list) or "question" not in row:
-        raise ValueError(f"--data-dir: a row of {where} lacks question, choices (a list) and answer (an index or letter)")
+        raise ValueError(f"--data-dir: a row of {where} lacks question, choices (a list) and answer "
+                         "(an index or letter)")
     return {**row, "answer": answer}
 
 
@@ -179,8 +180,9 @@ def _mmlu_tasks(name: str, data_dir: Path) -> list[Any]:
         wanted = sorted(s for s in local if known.get(s, {}).get("tag") == tag)
     missing = [s for s in wanted if s not in local] or ([] if wanted else [subject or "<subject>"])
     if missing:
-        raise ValueError(f"--tasks: {name!r} has no local data: looked for {str(data_dir / 'test' / (missing[0] + '_test.csv'))!r} "
-                         f"and {str(data_dir / missing[0])!r}/test.parquet|jsonl|json (--data-dir={str(data_dir)!r})")
+        csv_path = data_dir / "test" / f"{missing[0]}_test.csv"
+        raise ValueError(f"--tasks: {name!r} has no local data: looked for {str(csv_path)!r} and "
+                         f"{str(data_dir / missing[0])!r}/test.parquet|jsonl|json (--data-dir={str(data_dir)!r})")
     # A subject the harness does not know is described as it describes its own (abstract algebra's wording).
     model_description = known["abstract_algebra"]["description"]
     tasks = []
@@ -375,7 +377,8 @@ def _subtasks(name: str, groups: Mapping[str, list[str]]) -> list[str]:
     return leaves
 
 
-def _summarize(result: dict[str, Any], names: list[str], members: dict[str, list[str]], samples: bool) -> dict[str, Any]:
+def _summarize(result: dict[str, Any], names: list[str], members: dict[str, list[str]],
+               samples: bool) -> dict[str, Any]:
     scores, counts = result["results"], result["n-samples"]
     groups = {key: list(value) for key, value in (result.get("group_subtasks") or {}).items()}
     tasks: dict[str, dict[str, Any]] = {}
@@ -393,7 +396,8 @@ def _summarize(result: dict[str, Any], names: list[str], members: dict[str, list
     for name in names:
         leaves = members[name] or (_subtasks(name, groups) if name in groups else [name])
         if len(leaves) > 1 or name not in tasks:
-            summary["benchmarks"][name] = _aggregate([tasks[leaf] for leaf in leaves if leaf in tasks]) | {"tasks": leaves}
+            aggregate = _aggregate([tasks[leaf] for leaf in leaves if leaf in tasks])
+            summary["benchmarks"][name] = {**aggregate, "tasks": leaves}
     top = [summary["benchmarks"].get(name) or tasks.get(name) for name in names]
     accs = [entry["acc"] for entry in top if entry and entry.get("acc") is not None]
     summary["macro_average"] = {"acc": sum(accs) / len(accs) if accs else None, "over": names}
@@ -415,10 +419,13 @@ def _aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
     pooled = None
     if all(s is not None for s in stderrs) and n > len(scored):
         # The harness' pooled_sample_stderr: the subjects' sample variances pooled, over the total count.
-        variance = sum((e["questions"] - 1) * s**2 * e["questions"] for e, s in zip(scored, stderrs)) / (n - len(scored))
+        variance = sum((e["questions"] - 1) * s**2 * e["questions"] for e, s in zip(scored, stderrs))
+        variance /= n - len(scored)
         pooled = math.sqrt(variance / n)
     macro = sum(e["acc"] for e in scored) / len(scored)
-    macro_stderr = (math.sqrt(sum(s**2 for s in stderrs)) / len(scored)) if all(s is not None for s in stderrs) else None
+    macro_stderr = None
+    if all(s is not None for s in stderrs):  # independent subjects: the mean's variance is the sum's / k^2
+        macro_stderr = math.sqrt(sum(s**2 for s in stderrs)) / len(scored)
     return {"acc": acc, "acc_stderr": pooled, "macro_acc": macro, "macro_acc_stderr": macro_stderr,
             "questions": n, "subjects": len(scored)}
 

@@ -132,7 +132,8 @@ def test_the_fine_tuned_quickstart_beats_chance_and_its_base_and_merged_equals_b
     (merged,), (adapter,), (base,) = (list(reports[n]["runs"].values()) for n in ("merged", "adapter", "base"))
     assert list(reports["adapter"]["runs"]) == ["adapter 'quickstart'"]
     summary = {name: list(r["runs"].values())[0]["benchmarks"][TASK] for name, r in reports.items()}
-    print(json.dumps({name: {k: s[k] for k in ("acc", "acc_stderr", "macro_acc", "questions")} for name, s in summary.items()}))
+    shown = ("acc", "acc_stderr", "macro_acc", "questions")
+    print(json.dumps({name: {k: s[k] for k in shown} for name, s in summary.items()}))
     # Every question of the held-out families, each subject scored, the summary's arithmetic.
     assert summary["merged"]["subjects"] == 2 and summary["merged"]["questions"] == 2 * QUESTIONS
     tasks = merged["tasks"]
@@ -168,7 +169,7 @@ def _log_likelihood(model, tokenizer, context: str, continuation: str) -> float:
 def test_the_harness_choice_is_the_argmax_of_log_likelihoods_computed_here(trained_on_questions: Path,
                                                                             mmlu_dir: Path) -> None:
     model, tokenizer = load_for_generation(trained_on_questions / "runs/quickstart/export/merged", device="cpu")
-    report = run_benchmarks(model, tokenizer, [f"mmlu_letters_continuation"], data_dir=mmlu_dir,
+    report = run_benchmarks(model, tokenizer, ["mmlu_letters_continuation"], data_dir=mmlu_dir,
                             template="human_assistant", limit=6, samples=True)
     run = report["runs"]["model"]
     samples = run["samples"]["mmlu_letters_continuation"]
@@ -227,7 +228,8 @@ def test_local_data_in_other_layouts_and_missing_data(llama_base: Path, mmlu_dir
         code, out, err = _evaluate(["--model", str(llama_base), "--tasks", task, "--data-dir", str(mmlu_dir),
                                     "--device", "cpu"], capsys)
         assert (code, out) == (1, "") and err.count("\n") == 1, err
-        assert err.startswith(f"lightning-lora evaluate: error: --tasks: {task!r} has no local data: looked for {looked}")
+        assert err.startswith(f"lightning-lora evaluate: error: --tasks: {task!r} has no local data: "
+                              f"looked for {looked}")
 
 
 def test_without_the_eval_extra_one_line_names_it(llama_base: Path, monkeypatch: pytest.MonkeyPatch,

@@ -109,7 +109,8 @@ def test_a_run_resumed_at_an_epoch_end_and_again_at_the_next_equals_the_run_neve
     # first into epoch 1 without counting it started, so step 8's checkpoint read as written
     # between epochs, and its resume trained epoch 1 again. Our module counts it, and so does
     # CompleteCheckpoint, for any module (lightning_lora.resume.count_resumed_epoch).
-    common = {"steps": 10, "accumulate": 2, "checkpoint_every": 4, "module_class": kinds[0], "checkpoint_class": kinds[1]}
+    common = {"steps": 10, "accumulate": 2, "checkpoint_every": 4, "module_class": kinds[0],
+              "checkpoint_class": kinds[1]}
     whole, whole_module = _fit(tmp_path / "whole", llama_base, **common)
     first, _ = _fit(tmp_path / "first", llama_base, stop_at=8, **common,
                     ckpt_path=next((tmp_path / "whole" / "ckpt").glob("*step=4.ckpt")))

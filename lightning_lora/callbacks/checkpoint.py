@@ -36,7 +36,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from lightning_lora.resume import RECORD, RECORD_FORMAT, STAGING, TornCheckpointError, check_complete, count_resumed_epoch
+from lightning_lora.resume import (
+    RECORD,
+    RECORD_FORMAT,
+    STAGING,
+    TornCheckpointError,
+    check_complete,
+    count_resumed_epoch,
+)
 
 __all__ = ["CheckpointNotCompleteError", "CompleteCheckpoint", "remove_checkpoint", "save_complete"]
 
