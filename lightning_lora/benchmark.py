@@ -93,6 +93,8 @@ def _mmlu_csv(path: Path, subject: str) -> list[dict[str, Any]]:
     rows = []
     with path.open(newline="", encoding="utf-8") as handle:
         for number, record in enumerate(csv.reader(handle), start=1):
+            if number == 1 and len(record) == 6 and record[5].strip().lower() == "answer":
+                continue  # a header line, which MMLU's own files do not have but copies of them may
             if len(record) != 6 or record[5].strip() not in _LETTERS:
                 raise ValueError(f"--data-dir: {str(path)!r} line {number} is not MMLU's 'question,A,B,C,D,answer "
                                  f"letter' ({len(record)} fields)")
@@ -101,11 +103,13 @@ def _mmlu_csv(path: Path, subject: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _mmlu_rows(row: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """A parquet/JSON row in the task's fields: ``answer`` as an index (a letter is accepted)."""
+def _mmlu_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A parquet/JSON row in the task's fields: ``answer`` as an index (a letter or digits are accepted)."""
     answer = row.get("answer")
     if isinstance(answer, str) and answer.strip() in _LETTERS:
         answer = _LETTERS.index(answer.strip())
+    elif isinstance(answer, str) and answer.strip().isdigit():
+        answer = int(answer)
     if not isinstance(answer, int) or not isinstance(row.get("choices"), list) or "question" not in row:
         raise ValueError(f"--data-dir: a row of {where} lacks question, choices (a list) and answer "
                          "(an index or letter)")
@@ -126,7 +130,7 @@ def mmlu_subjects(data_dir: Path) -> dict[str, dict[str, Callable[[], list[dict[
         files = _split_files(folder)
         if "test" in files:
             subjects[folder.name] = {
-                split: lambda path=path: [_mmlu_rows(row, str(path)) for row in _read_split(path)]
+                split: lambda path=path: [_mmlu_row(row, str(path)) for row in _read_split(path)]
                 for split, path in files.items()
             }
     return {subject: splits for subject, splits in subjects.items() if "test" in splits}

@@ -232,6 +232,26 @@ def test_local_data_in_other_layouts_and_missing_data(llama_base: Path, mmlu_dir
                               f"looked for {looked}")
 
 
+def test_mmlu_files_as_copies_of_them_come(tmp_path: Path) -> None:
+    from lightning_lora.benchmark import mmlu_subjects
+
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "anatomy_test.csv").write_text('question,A,B,C,D,answer\n"Two\nlines?",a,b,c,d,C\n')
+    (tmp_path / "anatomy2").mkdir()  # a cais/mmlu parquet snapshot's naming; answers as digits in strings
+    (tmp_path / "anatomy2" / "test-00000-of-00001.jsonl").write_text(
+        json.dumps({"question": "Two\nlines?", "choices": ["a", "b", "c", "d"], "answer": "2"}) + "\n")
+    (tmp_path / "all").mkdir()  # cais/mmlu's every-subject folder: not a subject
+    (tmp_path / "all" / "test.jsonl").write_text("")
+    subjects = mmlu_subjects(tmp_path)
+    assert sorted(subjects) == ["anatomy", "anatomy2"]
+    assert subjects["anatomy"]["test"]() == [{"question": "Two\nlines?", "subject": "anatomy",
+                                              "choices": ["a", "b", "c", "d"], "answer": 2}]
+    assert subjects["anatomy2"]["test"]()[0]["answer"] == 2
+    (tmp_path / "test" / "anatomy_test.csv").write_text("q,a,b,c,d,E\n")
+    with pytest.raises(ValueError, match=r"anatomy_test.csv' line 1 is not MMLU's 'question,A,B,C,D,answer letter'"):
+        subjects = mmlu_subjects(tmp_path)["anatomy"]["test"]()
+
+
 def test_without_the_eval_extra_one_line_names_it(llama_base: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an environment without lm-evaluation-harness imports
