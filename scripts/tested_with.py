@@ -15,7 +15,7 @@ README = ROOT / "README.md"
 RESULTS = ROOT / "compat" / "results"
 SETS = ("oldest", "locked", "latest")
 PACKAGES = ("torch", "lightning", "deepspeed", "peft", "transformers", "accelerate", "bitsandbytes", "safetensors",
-            "kernels")
+            "kernels", "lm-eval")
 START, END = "<!-- tested-with:start -->", "<!-- tested-with:end -->"
 
 
