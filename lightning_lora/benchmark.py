@@ -60,22 +60,14 @@ def check_installed() -> Any:
 
 
 def _read_split(path: Path) -> list[dict[str, Any]]:
-    """The rows of one local data file (parquet, JSON lines, a JSON list, or CSV with a header)."""
-    import json
+    """The rows of one local data file: CSV with a header, or what training data may be (parquet,
+    JSON lines, a JSON list: :func:`lightning_lora.data.read_records`)."""
+    from lightning_lora.data import read_records
 
-    if path.suffix == ".parquet":
-        import pyarrow.parquet
-
-        return pyarrow.parquet.read_table(path).to_pylist()
-    with path.open(encoding="utf-8", newline="") as handle:
-        if path.suffix == ".csv":
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
             return list(csv.DictReader(handle))
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in handle if line.strip()]
-        rows = json.load(handle)
-    if not isinstance(rows, list):
-        raise ValueError(f"--data-dir: {str(path)!r} holds no JSON list of rows")
-    return rows
+    return read_records(path, key="--data-dir")
 
 
 def _split_files(folder: Path) -> dict[str, Path]:

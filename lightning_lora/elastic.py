@@ -95,7 +95,7 @@ def read_resume_state(path: Path) -> ResumeState:
     if is_zero_checkpoint(path):
         tag_dir = resolve_zero_tag(path)
         optimizer = read_zero_optimizer(tag_dir)
-        states = read_model_states(tag_dir, report=False)
+        states = optimizer.model_states
         accumulate = int(states["ds_config"].get("gradient_accumulation_steps") or 1)
         client = {key: value for key, value in states.items() if key not in ENGINE_KEYS}
         layout = Layout("deepspeed", optimizer.world_size, optimizer.stage)

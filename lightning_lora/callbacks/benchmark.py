@@ -68,18 +68,18 @@ class BenchmarkScores(L.Callback):
 
         folder = self._export(trainer).dirpath
         trainer.strategy.barrier()  # rank 0 may still be writing the export
-        summary = json.loads((folder / "export.json").read_text(encoding="utf-8"))
-        if (folder / "merged").is_dir():
-            model, tokenizer = load_for_generation(folder / "merged", device=str(pl_module.device))
-        else:  # no merged model (see export.json): the base plus the adapter
-            model, tokenizer = load_for_generation(summary["base_model_path"], {"adapter": folder / "adapter"},
-                                                   device=str(pl_module.device))
+        scored = folder / "merged"
+        if scored.is_dir():
+            model, tokenizer = load_for_generation(scored, device=str(pl_module.device))
+        else:  # no merged model (export.json says why): the base plus the adapter
+            scored = folder / "adapter"
+            base = json.loads((folder / "export.json").read_text(encoding="utf-8"))["base_model_path"]
+            model, tokenizer = load_for_generation(base, {"adapter": scored}, device=str(pl_module.device))
         self.report = run_benchmarks(model, tokenizer, self.tasks, **self.settings)
         del model
         if not trainer.is_global_zero or self.report is None:
             return
-        self.report["settings"].update(model=str(folder / ("merged" if (folder / "merged").is_dir() else "adapter")),
-                                       global_step=trainer.global_step)
+        self.report["settings"].update(model=str(scored), global_step=trainer.global_step)
         write_json_atomically(folder / REPORT, self.report)
         rank_zero_info(f"BenchmarkScores: wrote {folder / REPORT}\n{format_table(self.report)}")
         (run,) = self.report["runs"].values()

@@ -54,6 +54,7 @@ class ZeroOptimizerState:
         moments: ``{"exp_avg": {key: tensor}, "exp_avg_sq": {...}}``.
         step: the optimizer's step count.
         hyper: the parameter group's settings (``lr``, ``betas``, ...; without ``params``).
+        model_states: rank 0's model states file, as read (engine settings, Lightning's client state).
     """
 
     world_size: int
@@ -63,6 +64,7 @@ class ZeroOptimizerState:
     moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     step: int = 0
     hyper: dict[str, Any] = field(default_factory=dict)
+    model_states: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def read_zero_optimizer(tag_dir: Path) -> ZeroOptimizerState:
@@ -95,7 +97,7 @@ def read_zero_optimizer(tag_dir: Path) -> ZeroOptimizerState:
         for moment in ADAM_MOMENTS
     }
     names = [name for name in names if name in master]
-    return ZeroOptimizerState(world_size, stage, names, master, moments, step, hyper)
+    return ZeroOptimizerState(world_size, stage, names, master, moments, step, hyper, states)
 
 
 def _optim_files(tag_dir: Path) -> list[Path]:
