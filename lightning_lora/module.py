@@ -382,12 +382,14 @@ class LoraFinetuneModule(L.LightningModule):
             raise ValueError(f"model.attn_implementation={self.attn_implementation!r} cannot be used: {err}") from err
 
     def _attention(self) -> str | None:
-        """``attn_implementation``, but sdpa where flex attention would have to train on a CPU: torch
-        has no backward for it there (its forward, for inference, works)."""
-        training_on_cpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cpu"
-        if self.attn_implementation == "flex_attention" and training_on_cpu:
+        """``attn_implementation``, but sdpa where flex attention would run on a CPU: torch has no
+        backward for it there, and its compiled CPU forward is wrong at some lengths (torch 2.13:
+        ``tests/test_training_path.py``). The same attention, with a dense mask for packed rows."""
+        on_cpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cpu"
+        if self.attn_implementation == "flex_attention" and on_cpu:
             rank_zero_info("model.attn_implementation='flex_attention': torch has no flex attention backward on "
-                           "CPU; training with sdpa (the same attention, a dense mask for packed rows)")
+                           "CPU, and its CPU forward is wrong at some lengths; using sdpa (the same attention, "
+                           "a dense mask for packed rows)")
             return "sdpa"
         return self.attn_implementation
 
