@@ -211,19 +211,36 @@ def _local_data(data_dir: Path) -> Iterator[None]:
     def download(self: Any, dataset_kwargs: Any = None, **kwargs: Any) -> None:
         folder = data_dir / self.config.task
         files = _split_files(folder)
-        if not files:
+        scored = self.config.test_split or self.config.validation_split  # the split the harness scores
+        if scored not in files:
+            split = f"{scored}*" if files else "<split>"
             raise ValueError(f"--tasks: {self.config.task!r} has no local data: looked for "
-                             f"{str(folder)!r}/<split>.parquet|jsonl|json|csv (--data-dir={str(data_dir)!r})")
+                             f"{str(folder)!r}/{split}.parquet|jsonl|json|csv (--data-dir={str(data_dir)!r})")
         import datasets
 
         self.dataset = datasets.DatasetDict({split: datasets.Dataset.from_list(_read_split(path))
                                              for split, path in files.items()})
+        _forget_missing_splits(self.config, set(files))
 
     ConfigurableTask.download = download
     try:
         yield
     finally:
         ConfigurableTask.download = original
+
+
+def _forget_missing_splits(config: Any, present: set[str]) -> None:
+    """A local copy may hold only the split that is scored: the task's other splits (its training and
+    few-shot sources) that have no file are taken as absent, as for a task that defines none; the
+    harness then takes few-shot examples from what is there."""
+    for name in ("training_split", "validation_split", "test_split", "fewshot_split"):
+        if getattr(config, name, None) is not None and getattr(config, name) not in present:
+            setattr(config, name, None)
+    fewshot = getattr(config, "fewshot_config", None)  # where lm-eval 0.4.13 keeps the few-shot split too
+    if isinstance(fewshot, dict) and fewshot.get("split") not in (None, *present):
+        fewshot["split"] = None
+    elif getattr(fewshot, "split", None) not in (None, *present):
+        fewshot.split = None
 
 
 @functools.cache

@@ -221,11 +221,33 @@ def test_local_data_in_other_layouts_and_missing_data(llama_base: Path, mmlu_dir
         answers.append(run_benchmarks(model, tokenizer, ["mmlu_arithmetic"], data_dir=folder, num_fewshot=2, limit=8)
                        ["runs"]["model"]["answers"]["mmlu_arithmetic"])
     assert answers[0] == answers[1] and len(answers[0]) == 8
+    # A task the harness defines (ARC) from a local copy in its dataset's fields: the rows scored are
+    # the file's, asked as ARC asks, each choice the argmax of log-likelihoods computed here.
+    questions = [json.loads(line) for line in (other / "arithmetic" / "test.jsonl").read_text().splitlines()]
+    arc = [{"id": str(i), "question": q["question"], "answerKey": "ABCD"[q["answer"]],
+            "choices": {"text": q["choices"], "label": list("ABCD")}} for i, q in enumerate(questions)]
+    (tmp_path / "arc" / "arc_easy").mkdir(parents=True)
+    (tmp_path / "arc" / "arc_easy" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arc[:4]))
+    run = run_benchmarks(model, tokenizer, ["arc_easy"], data_dir=tmp_path / "arc", samples=True)["runs"]["model"]
+    samples = sorted(run["samples"]["arc_easy"], key=lambda s: s["doc_id"])
+    assert run["tasks"]["arc_easy"]["questions"] == len(samples) == 4
+    for sample, row, answer in zip(samples, arc, run["answers"]["arc_easy"]):
+        assert sample["context"] == f"Question: {row['question']}\nAnswer:" and sample["target"] == "ABCD".index(
+            row["answerKey"])
+        ours = [_log_likelihood(model, tokenizer, sample["context"], c) for c in sample["continuations"]]
+        assert sample["continuations"] == [f" {choice}" for choice in row["choices"]["text"]]
+        assert max(range(4), key=ours.__getitem__) == answer
     capsys.readouterr()  # what the harness logged so far
-    # A task with no local data fails in one line naming the task and where it looked.
-    for task, looked in (("arc_easy", f"'{mmlu_dir / 'arc_easy'}'/<split>.parquet|jsonl|json|csv"),
-                         ("mmlu_anatomy", f"'{mmlu_dir / 'test' / 'anatomy_test.csv'}'")):
-        code, out, err = _evaluate(["--model", str(llama_base), "--tasks", task, "--data-dir", str(mmlu_dir),
+    # A task with no local data, or none of the split it is scored on, fails in one line naming the
+    # task and where it looked.
+    (tmp_path / "arc-train" / "arc_easy").mkdir(parents=True)
+    (tmp_path / "arc-train" / "arc_easy" / "train.jsonl").write_text(json.dumps(arc[0]) + "\n")
+    for task, folder, looked in (
+        ("arc_easy", mmlu_dir, f"'{mmlu_dir / 'arc_easy'}'/<split>.parquet|jsonl|json|csv"),
+        ("arc_easy", tmp_path / "arc-train", f"'{tmp_path / 'arc-train' / 'arc_easy'}'/test*.parquet|jsonl|json|csv"),
+        ("mmlu_anatomy", mmlu_dir, f"'{mmlu_dir / 'test' / 'anatomy_test.csv'}'"),
+    ):
+        code, out, err = _evaluate(["--model", str(llama_base), "--tasks", task, "--data-dir", str(folder),
                                     "--device", "cpu"], capsys)
         assert (code, out) == (1, "") and err.count("\n") == 1, err
         assert err.startswith(f"lightning-lora evaluate: error: --tasks: {task!r} has no local data: "
