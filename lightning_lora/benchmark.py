@@ -12,8 +12,8 @@ numbers compare with published ones. What this module adds:
   ``question``, ``choices`` and ``answer`` (a snapshot of ``cais/mmlu``). Every subject found is
   scored with the harness' MMLU prompt, those that are not among the harness' 57 too (a
   description built from the subject's name). Any other task reads ``<task>/<split>*.<ext>`` with
-  the fields of its hub dataset. Nothing is downloaded then; a task with no local data fails
-  naming the task and the path.
+  the fields of its hub dataset; only the split it is scored on must be there. Nothing is
+  downloaded then; a task with no local data (or not its scored split) fails naming the task and the path.
 - **Templates**: none by default (the harness' plain prompt, as published numbers are measured);
   ``chat_template`` is the harness' own chat-template mode with the model's template; ``alpaca``,
   ``human_assistant`` and ``plain`` wrap the harness' whole prompt as one instruction of the run's
@@ -213,9 +213,9 @@ def _local_data(data_dir: Path) -> Iterator[None]:
         files = _split_files(folder)
         scored = self.config.test_split or self.config.validation_split  # the split the harness scores
         if scored not in files:
-            split = f"{scored}*" if files else "<split>"
+            wanted = f"{scored}*" if files else "<split>"
             raise ValueError(f"--tasks: {self.config.task!r} has no local data: looked for "
-                             f"{str(folder)!r}/{split}.parquet|jsonl|json|csv (--data-dir={str(data_dir)!r})")
+                             f"{str(folder)!r}/{wanted}.parquet|jsonl|json|csv (--data-dir={str(data_dir)!r})")
         import datasets
 
         self.dataset = datasets.DatasetDict({split: datasets.Dataset.from_list(_read_split(path))
@@ -237,9 +237,7 @@ def _forget_missing_splits(config: Any, present: set[str]) -> None:
         if getattr(config, name, None) is not None and getattr(config, name) not in present:
             setattr(config, name, None)
     fewshot = getattr(config, "fewshot_config", None)  # where lm-eval 0.4.13 keeps the few-shot split too
-    if isinstance(fewshot, dict) and fewshot.get("split") not in (None, *present):
-        fewshot["split"] = None
-    elif getattr(fewshot, "split", None) not in (None, *present):
+    if getattr(fewshot, "split", None) not in (None, *present):
         fewshot.split = None
 
 

@@ -457,6 +457,8 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 def evaluate_main(argv: list[str]) -> int:
     """``lightning-lora evaluate``: print the metrics as JSON (held-out data) or a table (--tasks);
     returns the exit code."""
+    from lightning_lora.benchmark import TEMPLATE_NONE
+
     args = _evaluate_parser().parse_args(argv)
     if args.tasks is not None:
         return _benchmark_main(args)
@@ -469,7 +471,7 @@ def evaluate_main(argv: list[str]) -> int:
         if len(args.adapter) > 1:
             raise ValueError(f"--adapter is given {len(args.adapter)} times: held-out data is scored with one adapter "
                              "(--tasks scores several in turn)")
-        if args.template == "none":
+        if args.template == TEMPLATE_NONE:
             raise ValueError("--template='none' applies to --tasks; held-out data is rendered in its training template")
         args.template = args.template or "alpaca"
         if not args.model:
