@@ -136,20 +136,13 @@ def fit_quickstart(root: Path, tmp_path_factory: pytest.TempPathFactory, *overri
 
     shutil.copytree(REPO / "configs", root / "configs")
     shutil.copytree(REPO / "data", root / "data")
-    here, cache = os.getcwd(), os.environ.get("LIGHTNING_LORA_CACHE")
-    # The config writes under runs/ and reads data/, relative to the working directory; its
-    # builtin:tiny-llama is built into the session's cache (a session fixture runs before _isolated_cache).
-    os.environ["LIGHTNING_LORA_CACHE"] = str(tmp_path_factory.getbasetemp() / "builtin-cache")
-    os.chdir(root)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        # The config writes under runs/ and reads data/, relative to the working directory; its
+        # builtin:tiny-llama is built into the session's cache (a session fixture runs before _isolated_cache).
+        patch.setenv("LIGHTNING_LORA_CACHE", str(tmp_path_factory.getbasetemp() / "builtin-cache"))
+        patch.chdir(root)
         main(["fit", "--config", "configs/quickstart.yaml", "--trainer.enable_progress_bar=false",
               "--trainer.enable_model_summary=false", *overrides])
-    finally:
-        os.chdir(here)
-        if cache is None:
-            os.environ.pop("LIGHTNING_LORA_CACHE")
-        else:
-            os.environ["LIGHTNING_LORA_CACHE"] = cache
 
 
 @pytest.fixture(scope="session")
